@@ -1,0 +1,171 @@
+"""Build a student from the teacher's config plus overrides, initialised from a subset of teacher layers."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .config import STUDENT_INITS, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Config attributes that fix the shape of every per-layer tensor; "width" in the docs means all of these.
+WIDTH_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_embd",
+    "n_inner",
+    "n_head",
+)
+# Config attributes naming the layer count, per architecture family.
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+# Attributes that describe how the teacher was stored, not what the student is.
+LOADING_ONLY_FIELDS = ("quantization_config", "_name_or_path", "_commit_hash", "transformers_version")
+
+
+def uniform_layer_subset(num_teacher_layers: int, num_student_layers: int) -> list[int]:
+    """Teacher layer indices for each student layer: evenly spaced, keeping the first and the last.
+
+    ``round(i * (N - 1) / (n - 1))`` for ``i = 0..n-1`` (DistilBERT-style). With 30 teacher and 4 student
+    layers: ``[0, 10, 19, 29]``. One student layer maps to the last teacher layer.
+    """
+    if not 1 <= num_student_layers <= num_teacher_layers:
+        raise ConfigError(
+            f"A student initialised from the teacher needs between 1 and {num_teacher_layers} layers, got "
+            f"{num_student_layers}. Lower num_hidden_layers or use --student_init random."
+        )
+    if num_student_layers == 1:
+        return [num_teacher_layers - 1]
+    step = (num_teacher_layers - 1) / (num_student_layers - 1)
+    return [round(i * step) for i in range(num_student_layers)]
+
+
+def layer_count(config: PretrainedConfig) -> int:
+    """Number of transformer blocks in a config, whichever attribute the architecture uses."""
+    for name in LAYER_COUNT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"Cannot tell how many layers a {type(config).__name__} has (looked for {LAYER_COUNT_FIELDS}).")
+
+
+def student_config_from_teacher(teacher_config: PretrainedConfig, overrides: dict | None) -> PretrainedConfig:
+    """The teacher's config with ``overrides`` applied; unknown fields and vocabulary changes are errors."""
+    overrides = dict(overrides or {})
+    config = copy.deepcopy(teacher_config)
+    for name in LOADING_ONLY_FIELDS:
+        if hasattr(config, name):
+            with contextlib.suppress(AttributeError):
+                delattr(config, name)
+    known = set(config.to_dict())
+    unknown = sorted(key for key in overrides if key not in known and not hasattr(config, key))
+    if unknown:
+        fields = ", ".join(sorted(k for k in known if not k.startswith("_")))
+        raise ConfigError(
+            f"--student_config names fields the {type(config).__name__} does not have: {unknown}. "
+            f"Valid fields: {fields}."
+        )
+    vocab = getattr(teacher_config, "vocab_size", None)
+    if "vocab_size" in overrides and overrides["vocab_size"] != vocab:
+        raise ConfigError(
+            f"--student_config sets vocab_size={overrides['vocab_size']} but the teacher's vocabulary has "
+            f"{vocab} tokens. Distillation needs a shared tokenizer: drop vocab_size from --student_config."
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if "hidden_size" in overrides and "head_dim" in known and "head_dim" not in overrides:
+        heads = getattr(config, "num_attention_heads", None)
+        if heads and config.hidden_size % heads == 0:
+            config.head_dim = config.hidden_size // heads
+    return config
+
+
+def _same_width(student_config: PretrainedConfig, teacher_config: PretrainedConfig) -> bool:
+    return all(getattr(student_config, name, None) == getattr(teacher_config, name, None) for name in WIDTH_FIELDS)
+
+
+def _layer_list_name(model: nn.Module, num_layers: int) -> str:
+    """Dotted path of the ``nn.ModuleList`` holding the transformer blocks (``model.layers``, ``transformer.h``)."""
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    if not candidates:
+        raise ConfigError(f"Cannot find the list of {num_layers} transformer blocks in {type(model).__name__}.")
+    return min(candidates, key=len)  # the outermost list, in case blocks nest lists of their own
+
+
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layer_map: list[int]) -> list[str]:
+    """Copy every teacher tensor whose shape fits into ``student``; block ``i`` comes from teacher block
+    ``layer_map[i]``. Returns the names of student tensors left at their random init."""
+    student_layers = _layer_list_name(student, layer_count(student.config))
+    teacher_layers = _layer_list_name(teacher, layer_count(teacher.config))
+    pattern = re.compile(rf"^{re.escape(student_layers)}\.(\d+)\.(.*)$")
+    teacher_state = teacher.state_dict()
+    missing = []
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            match = pattern.match(name)
+            source = f"{teacher_layers}.{layer_map[int(match.group(1))]}.{match.group(2)}" if match else name
+            source_tensor = teacher_state.get(source)
+            if source_tensor is None or source_tensor.shape != tensor.shape:
+                missing.append(name)
+                continue
+            tensor.copy_(source_tensor.to(tensor.dtype))
+    return missing
+
+
+def build_student(
+    teacher: PreTrainedModel,
+    overrides: dict | None = None,
+    init: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A causal LM built from ``teacher.config`` with ``overrides`` applied.
+
+    ``init``: ``"auto"`` copies the teacher's weights when the width matches (embeddings, final norm, head
+    and a uniform subset of blocks keeping the first and the last) and uses random init otherwise;
+    ``"teacher"`` copies whatever tensors fit even when widths differ; ``"random"`` never copies.
+    The student is float32 by default (mixed precision is TrainingArguments' job) and in train mode.
+    """
+    if init not in STUDENT_INITS:
+        raise ConfigError(f"init={init!r} is not one of {', '.join(STUDENT_INITS)}.")
+    config = student_config_from_teacher(teacher.config, overrides)
+    config.dtype = dtype
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    n_teacher, n_student = layer_count(teacher.config), layer_count(config)
+    copy_weights = init == "teacher" or (init == "auto" and _same_width(config, teacher.config))
+    if copy_weights:
+        layer_map = uniform_layer_subset(n_teacher, n_student)
+        left_random = init_from_teacher(student, teacher, layer_map)
+        student.config.distily_init = {"from": "teacher", "teacher_layers": layer_map}
+        if left_random:
+            logger.warning("Student tensors left at random init (shape differs from the teacher): %s", left_random)
+        logger.info("Student initialised from teacher layers %s of %d.", layer_map, n_teacher)
+    else:
+        student.config.distily_init = {"from": "random"}
+        logger.info("Student randomly initialised (init=%s, width differs from the teacher).", init)
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    student.train()
+    return student
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel()
+    return total
