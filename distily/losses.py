@@ -1,7 +1,8 @@
 """The loss registry: divergences between the student's and the teacher's next-token distributions.
 
 Every entry is a per-token divergence. It receives student and teacher logits of shape ``(N, V)``, already
-divided by the temperature and cast to float32, and returns a tensor of shape ``(N,)``: one value per token.
+divided by the temperature and cast to float32 (float64 stays float64), and returns a tensor of shape
+``(N,)``: one value per token.
 Masking padding, normalising by the number of real tokens and the T² factor are done once, for every loss,
 by :func:`distillation_loss`, so a new loss only has to write its formula.
 
@@ -171,9 +172,9 @@ def distillation_loss(
     """T² · Σ_{real tokens} D(s/T, t/T) / num_tokens.
 
     ``student_logits`` and ``teacher_logits`` have shape ``(..., V)``; ``mask`` (same leading shape, bool)
-    selects the real tokens. The divergence is computed in float32 whatever the input dtype, so bf16 training
-    stays stable. ``num_tokens`` defaults to the number of real tokens; pass a larger count (the tokens of
-    the whole accumulated batch) to normalise across gradient-accumulation steps.
+    selects the real tokens. The divergence is computed in float32 or wider (float64 inputs stay float64), so
+    bf16 training stays stable. ``num_tokens`` defaults to the number of real tokens; pass a larger count
+    (the tokens of the whole accumulated batch) to normalise across gradient-accumulation steps.
     """
     vocab = student_logits.shape[-1]
     if teacher_logits.shape[-1] != vocab:
@@ -189,7 +190,9 @@ def distillation_loss(
         teacher_logits = teacher_logits[keep]
     if num_tokens is None:
         num_tokens = student_logits.shape[0]
-    per_token = loss_fn(student_logits.float() / temperature, teacher_logits.float() / temperature)
+    # Upcast half precision; never downcast float64 (it would silently lose precision and break gradcheck).
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    per_token = loss_fn(student_logits.to(dtype) / temperature, teacher_logits.to(dtype) / temperature)
     if per_token.shape != student_logits.shape[:1]:
         raise ValueError(
             f"A loss must return one value per token, shape ({student_logits.shape[0]},); got {tuple(per_token.shape)}."

@@ -58,6 +58,30 @@ def _positions_vocab(model: nn.Module) -> tuple[int | None, int | None]:
     return positions, getattr(config, "vocab_size", None)
 
 
+def check_compatible(student: nn.Module, teacher: nn.Module | None, args: DistillationConfig) -> None:
+    """Refuse a seq_len longer than either model's positions, or a student whose vocabulary is not the teacher's."""
+    student_positions, student_vocab = _positions_vocab(student)
+    if student_positions is not None and args.seq_len > student_positions:
+        raise ConfigError(
+            f"seq_len={args.seq_len} is longer than the student's {student_positions} positions "
+            f"(max_position_embeddings). Lower --seq_len to at most {student_positions}."
+        )
+    if teacher is None:
+        return
+    teacher_positions, teacher_vocab = _positions_vocab(teacher)
+    if teacher_positions is not None and args.seq_len > teacher_positions:
+        raise ConfigError(
+            f"seq_len={args.seq_len} is longer than the teacher's {teacher_positions} positions. "
+            f"Lower --seq_len to at most {teacher_positions}."
+        )
+    if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+        raise ConfigError(
+            f"The student's vocabulary ({student_vocab} tokens) differs from the teacher's ({teacher_vocab}). "
+            "Logit distillation compares distributions over the same tokens: build the student from the "
+            "teacher (distily.build_student) or pick a student that shares the teacher's tokenizer."
+        )
+
+
 class DistillationTrainer(Trainer):
     """Train ``model`` (the student) to match ``teacher_model``.
 
@@ -93,7 +117,7 @@ class DistillationTrainer(Trainer):
                 f"alpha={args.alpha} weights a distillation term but no teacher_model was given. Pass "
                 "teacher_model=..., or set alpha=0 to train the student on plain cross-entropy."
             )
-        self._check_compatible(model, teacher_model, args)
+        check_compatible(model, teacher_model, args)
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             if pad is None:
@@ -112,29 +136,6 @@ class DistillationTrainer(Trainer):
         self._log_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
         self._eval_sums: torch.Tensor | None = None
-
-    @staticmethod
-    def _check_compatible(student: nn.Module, teacher: nn.Module | None, args: DistillationConfig) -> None:
-        student_positions, student_vocab = _positions_vocab(student)
-        if student_positions is not None and args.seq_len > student_positions:
-            raise ConfigError(
-                f"seq_len={args.seq_len} is longer than the student's {student_positions} positions "
-                f"(max_position_embeddings). Lower --seq_len to at most {student_positions}."
-            )
-        if teacher is None:
-            return
-        teacher_positions, teacher_vocab = _positions_vocab(teacher)
-        if teacher_positions is not None and args.seq_len > teacher_positions:
-            raise ConfigError(
-                f"seq_len={args.seq_len} is longer than the teacher's {teacher_positions} positions. "
-                f"Lower --seq_len to at most {teacher_positions}."
-            )
-        if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
-            raise ConfigError(
-                f"The student's vocabulary ({student_vocab} tokens) differs from the teacher's ({teacher_vocab}). "
-                "Logit distillation compares distributions over the same tokens: build the student from the "
-                "teacher (distily.build_student) or pick a student that shares the teacher's tokenizer."
-            )
 
     # -- objective ---------------------------------------------------------------------------------------------
 
@@ -238,7 +239,7 @@ class DistillationTrainer(Trainer):
         """Adds to training logs: the KD and CE components, seconds per step, tokens/s and peak memory."""
         if "loss" in logs:
             for name, total in self._log_sums.items():
-                logs[name] = round(total / max(self._log_counts[name], 1), 6)
+                logs[name] = float(f"{total / max(self._log_counts[name], 1):.6g}")
             self._log_sums.clear()
             self._log_counts.clear()
             durations = self.step_timer.pop()

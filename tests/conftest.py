@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny random Llama and GPT-2 models and a tokenizer built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 128
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    values = dict(
+        vocab_size=TINY_VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    values.update(overrides)
+    return GPT2Config(**values)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 4-layer Llama with a 96-token vocabulary, seeded."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """A 4-layer GPT-2 with a 96-token vocabulary, seeded."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(tiny_gpt2_config()).eval()
+
+
+def make_tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = TINY_VOCAB):
+    """A character-level BPE tokenizer over printable ASCII plus a few merges, trained in-process.
+
+    Exactly ``vocab_size`` tokens: 4 specials, the 100 printable ASCII characters, then merges learned on
+    ``texts``; any other character becomes ``<unk>``.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or [SAMPLE_TEXT]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=list(string.printable),
+        limit_alphabet=len(string.printable),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    assert len(fast) <= vocab_size, len(fast)
+    return fast
+
+
+SAMPLE_TEXT = (
+    "def add(a, b):\n    return a + b\n\n"
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
+    "for i in range(10):\n    print(i * i)\n"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    """A folder of 40 small Python-like files (enough for a train/eval split)."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for index in range(40):
+        body = "".join(f"def f{index}_{j}(x):\n    return x * {j} + {index}\n\n" for j in range(3 + index % 5))
+        (root / f"module_{index:02d}.py").write_text(body + SAMPLE_TEXT)
+    return root
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama teacher with a matching tokenizer saved as a local folder (what --teacher takes)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    folder = tmp_path / "teacher"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct teacher and tokenizer, loaded once per test session (~20 s)."""
+    from distily.teacher.loading import load_teacher
+
+    return load_teacher("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def shared_dataset_cache(tmp_path_factory):
+    """One datasets cache for the session, so the standard library is tokenised once for all tests."""
+    return tmp_path_factory.mktemp("datasets_cache")
