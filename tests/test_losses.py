@@ -613,6 +613,8 @@ def test_custom_loss_trains_a_tiny_student(tmp_path, scratch_names):
     trainer = distily.DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_dict({"input_ids": ids.tolist()})
     )
+    assert len(calls) == 1 and calls[0][0].shape == (1, 4)  # DistillationConfig's check of the parameters
+    calls.clear()
     trainer.train()
 
     # Called once per step on 4 sequences × 15 next-token positions.
