@@ -112,7 +112,8 @@ class DataArguments:
         default="python-stdlib",
         metadata={
             "help": "'python-stdlib' (built in), a Hub dataset name, a folder saved with save_to_disk, data "
-            "files (.json/.jsonl/.parquet/.txt, comma-separated or a glob), or a folder of text/code files."
+            "files (.json/.jsonl/.parquet/.csv/.txt, comma-separated or a glob; one .txt file is split into "
+            "paragraphs), or a folder of text/code files."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
@@ -121,7 +122,7 @@ class DataArguments:
     dataset_eval_split: str | None = field(
         default=None,
         metadata={
-            "help": "Split used for evaluation. Default: 'validation', 'test' or 'eval' if the dataset has "
+            "help": "Split used for evaluation. Default: 'validation', 'eval' or 'test' if the dataset has "
             "one, else a deterministic hold-out of --eval_fraction of the documents (by content hash)."
         },
     )
@@ -132,7 +133,8 @@ class DataArguments:
         default=None, metadata={"help": "Use at most this many packed training blocks (after a seeded shuffle)."}
     )
     max_eval_blocks: int | None = field(
-        default=64, metadata={"help": "Evaluate on at most this many packed blocks (the first ones, fixed)."}
+        default=64,
+        metadata={"help": "Evaluate on at most this many packed blocks (a fixed sample, the same in every run)."},
     )
     dataset_cache_dir: str | None = field(
         default=None, metadata={"help": "Where datasets caches tokenised blocks (default: HF_DATASETS_CACHE)."}

@@ -20,6 +20,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
 
 from .config import DataArguments
 
@@ -94,7 +95,7 @@ def _read_documents(root: str, relative_paths: list[str], fingerprint: str) -> I
 def files_dataset(root: Path, eval_fraction: float, cache_dir: str | None, suffixes=None) -> DatasetDict:
     """A folder of text or code files as a ``DatasetDict`` (``train``/``eval``, split by path hash)."""
     if not root.is_dir():
-        raise DataError(f"Dataset folder {str(root)!r} does not exist.")
+        raise DataError(f"Dataset folder {str(root)!r} does not exist. Check the path given to --dataset.")
     files = list_text_files(root, suffixes)
     if not files:
         kind = f"{'/'.join(suffixes)} files" if suffixes else "files"
@@ -111,18 +112,22 @@ def files_dataset(root: Path, eval_fraction: float, cache_dir: str | None, suffi
         )
     fingerprint = stable_hash(str(root), stats)
     features = datasets.Features({"text": datasets.Value("string"), "path": datasets.Value("string")})
-    return DatasetDict(
-        {
-            split: Dataset.from_generator(
+    documents = {}
+    for split, paths in splits.items():
+        try:
+            documents[split] = Dataset.from_generator(
                 _read_documents,
                 gen_kwargs={"root": str(root), "relative_paths": paths, "fingerprint": fingerprint},
                 features=features,
                 cache_dir=cache_dir,
                 split=datasets.Split.TRAIN,
             )
-            for split, paths in splits.items()
-        }
-    )
+        except ValueError as err:  # datasets refuses a generator that yields no rows
+            raise DataError(
+                f"Dataset folder {str(root)!r}: none of the {len(paths)} {split} file(s) holds text (they are "
+                f"empty, blank, binary or not UTF-8). Point --dataset at a folder of text files. ({err})"
+            ) from err
+    return DatasetDict(documents)
 
 
 def _data_files(spec: str) -> list[str] | None:
@@ -134,7 +139,7 @@ def _data_files(spec: str) -> list[str] | None:
     for part in parts:
         matches = sorted(glob.glob(os.path.expanduser(part)))
         if not matches:
-            raise DataError(f"Data file {part!r} does not exist.")
+            raise DataError(f"Data file {part!r} does not exist. Check the path given to --dataset.")
         files.extend(matches)
     return files
 
@@ -153,15 +158,29 @@ def load_documents(args: DataArguments) -> DatasetDict:
             builder = DATA_FILE_BUILDERS[Path(files[0]).suffix]
             if any(DATA_FILE_BUILDERS[Path(f).suffix] != builder for f in files):
                 raise DataError(f"--dataset mixes file types ({spec}); pass files of one type.")
-            extra = {"sample_by": "document"} if builder == "text" else {}
-            raw = datasets.load_dataset(builder, data_files=files, cache_dir=args.dataset_cache_dir, **extra)
+            # Several .txt files: one document each. A single .txt file: its blank-line separated paragraphs,
+            # so that a train/eval hold-out is possible.
+            extra = {"sample_by": "document" if len(files) > 1 else "paragraph"} if builder == "text" else {}
+            try:
+                raw = datasets.load_dataset(builder, data_files=files, cache_dir=args.dataset_cache_dir, **extra)
+            except (StopIteration, ValueError, DatasetGenerationError) as err:  # data files with no rows
+                raise DataError(
+                    f"Dataset {spec!r} is empty: no rows could be read from {len(files)} {builder} file(s). "
+                    f"Point --dataset at files that hold text. ({type(err).__name__}: {err})"
+                ) from err
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            raw = datasets.load_from_disk(str(path))
+            try:
+                raw = datasets.load_from_disk(str(path))
+            except (IndexError, ValueError) as err:  # what datasets raises for an empty saved dataset
+                raise DataError(f"Dataset folder {spec!r} could not be read as a saved dataset: {err!r}.") from err
         elif path.is_dir():
             raw = files_dataset(path, args.eval_fraction, args.dataset_cache_dir)
             text_field = "text"
         elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-            raise DataError(f"Dataset path {spec!r} does not exist.")
+            raise DataError(
+                f"Dataset path {spec!r} does not exist. Pass an existing folder or data file to --dataset, a Hub "
+                f"dataset name, or {PYTHON_STDLIB!r}."
+            )
         else:
             raw = datasets.load_dataset(spec, args.dataset_config_name, cache_dir=args.dataset_cache_dir)
     if isinstance(raw, Dataset):
@@ -181,19 +200,23 @@ def _train_eval_splits(raw: DatasetDict, args: DataArguments, text_field: str) -
             f"Dataset {args.dataset!r} has no text column {text_field!r}; its columns are {train.column_names}. "
             "Pass --dataset_text_field with the column that holds the text."
         )
+    train = _drop_blank(train, text_field)
     if len(train) == 0:
-        raise DataError(f"Dataset {args.dataset!r} is empty (split {args.dataset_train_split!r} has no rows).")
+        raise DataError(
+            f"Dataset {args.dataset!r} is empty (split {args.dataset_train_split!r} has no rows with text in "
+            f"{text_field!r})."
+        )
     if args.dataset_eval_split is not None:
         if args.dataset_eval_split not in raw:
             raise DataError(
                 f"Dataset {args.dataset!r} has no split {args.dataset_eval_split!r}; it has {sorted(raw)}. "
                 "Pass --dataset_eval_split with one of those, or leave it unset to hold out --eval_fraction."
             )
-        evaluation = raw[args.dataset_eval_split]
+        evaluation = _drop_blank(raw[args.dataset_eval_split], text_field)
     else:
         named = [name for name in EVAL_SPLIT_NAMES if name in raw and name != args.dataset_train_split]
         if named:
-            evaluation = raw[named[0]]
+            evaluation = _drop_blank(raw[named[0]], text_field)
         else:
             held_out = {"text_field": text_field, "fraction": args.eval_fraction}
             evaluation = train.filter(_in_eval, batched=True, fn_kwargs={**held_out, "want": True})
@@ -210,6 +233,17 @@ def _train_eval_splits(raw: DatasetDict, args: DataArguments, text_field: str) -
     return DatasetDict({"train": train, "eval": evaluation})
 
 
+def _drop_blank(documents: Dataset, text_field: str) -> Dataset:
+    """Rows whose text is missing or only whitespace are not documents."""
+    if text_field not in documents.column_names:
+        return documents
+    return documents.filter(_has_text, batched=True, fn_kwargs={"text_field": text_field}, desc="Dropping blank rows")
+
+
+def _has_text(batch: dict, text_field: str) -> list[bool]:
+    return [bool(text and text.strip()) for text in batch[text_field]]
+
+
 def _in_eval(batch: dict, text_field: str, fraction: float, want: bool) -> list[bool]:
     return [is_eval_key(text or "", fraction) == want for text in batch[text_field]]
 
@@ -222,10 +256,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything about a tokenizer that changes token ids.
 
     Fast tokenizers serialise their whole pipeline (``backend_tokenizer.to_str()``); hashing the Python object
-    itself is unreliable (its state changes as it is used), which would defeat the cache.
+    itself is unreliable (its state changes as it is used), which would defeat the cache. For the same reason the
+    truncation and padding settings are left out: a call with ``truncation=True`` leaves them set on the backend,
+    and packing never truncates or pads.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("truncation", None)
+        pipeline.pop("padding", None)
+        definition = json.dumps(pipeline, sort_keys=True)
+    else:
+        definition = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return stable_hash(type(tokenizer).__name__, definition, special)
 

@@ -35,8 +35,8 @@ LOADING_ONLY_FIELDS = ("quantization_config", "_name_or_path", "_commit_hash", "
 def uniform_layer_subset(num_teacher_layers: int, num_student_layers: int) -> list[int]:
     """Teacher layer indices for each student layer: evenly spaced, keeping the first and the last.
 
-    ``round(i * (N - 1) / (n - 1))`` for ``i = 0..n-1`` (DistilBERT-style). With 30 teacher and 4 student
-    layers: ``[0, 10, 19, 29]``. One student layer maps to the last teacher layer.
+    ``⌊i · (N − 1) / (n − 1) + ½⌋`` (halves round up) for ``i = 0..n-1``, DistilBERT-style. With 30 teacher
+    and 4 student layers: ``[0, 10, 19, 29]``. One student layer maps to the last teacher layer.
     """
     if not 1 <= num_student_layers <= num_teacher_layers:
         raise ConfigError(
@@ -46,7 +46,7 @@ def uniform_layer_subset(num_teacher_layers: int, num_student_layers: int) -> li
     if num_student_layers == 1:
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)
-    return [round(i * step) for i in range(num_student_layers)]
+    return [int(i * step + 0.5) for i in range(num_student_layers)]
 
 
 def layer_count(config: PretrainedConfig) -> int:
