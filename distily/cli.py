@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from .config import RUN_ARGUMENT_CLASSES, ConfigError, check_known_keys, load_yaml_file, run_parser
+from .teacher.loading import TeacherLoadError
 
 logger = logging.getLogger("distily")
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
     try:
         return handler(argv)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, TeacherLoadError) as err:
         # Bad input: one clear line, no traceback.
         print(f"distily {command}: error: {err}", file=sys.stderr)
         return 2

@@ -156,3 +156,13 @@ def test_every_config_field_is_a_flag():
     flags = {action.dest for action in parser._actions}
     for field in ("teacher", "student_config", "dataset", "loss", "loss_kwargs", "temperature", "alpha", "seq_len"):
         assert field in flags
+
+
+def test_teacher_folder_without_a_model_is_a_clear_error(text_corpus, tmp_path, capsys):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    out = tmp_path / "run"
+    assert main(base_args(not_a_model, text_corpus, out)) == 2
+    err = capsys.readouterr().err
+    assert "Could not load teacher" in err and "smollm2-135m-instruct" in err
+    assert not out.exists()

