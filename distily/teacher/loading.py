@@ -118,7 +118,7 @@ def load_teacher(
         kwargs["gguf_file"] = gguf_file
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # missing files / unreachable Hub, or a folder that holds no model
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " HF_HUB_OFFLINE is set, so only models already in the local cache can load." if offline else ""
         reason = str(err).strip().rstrip(".")
