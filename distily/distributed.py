@@ -24,6 +24,7 @@ import os
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .config import ConfigError
 
@@ -191,6 +192,27 @@ def wrap_student_for_training(trainer) -> None:
     if not any(p.requires_grad for p in trainer.model.parameters()):
         return
     trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+
+
+def evaluates_inside_training(accelerator) -> bool:
+    """FSDP and DeepSpeed runs evaluate the untrained student from inside ``train()`` (``eval_on_start``).
+
+    Trainer's evaluation of a not-yet-trained model prepares it alone, which FSDP2 refuses (it shards model and
+    optimizer together) and which leaves DeepSpeed with an inference engine; at step 0 of ``train()`` the
+    student is already prepared for training, as for every later evaluation.
+    """
+    return _distributed_type(accelerator) in ("FSDP", "DEEPSPEED")
+
+
+class FirstEvaluation(TrainerCallback):
+    """Keeps the metrics of the evaluation at step 0 (``eval_on_start``): the untrained student's."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metrics is None and state.global_step == 0 and metrics is not None:
+            self.metrics = dict(metrics)
 
 
 def world_size_from_env() -> str | None:

@@ -184,7 +184,7 @@ def train(
     process writes the run's own files.
     """
     from .data import prepare_datasets
-    from .distributed import weights_are_sharded
+    from .distributed import FirstEvaluation, evaluates_inside_training, weights_are_sharded
     from .lora import apply_lora, save_student
     from .students import build_student, count_parameters, load_student
     from .teacher.loading import load_teacher, resolve_dtype
@@ -274,7 +274,12 @@ def train(
     trainer.accelerator.wait_for_everyone()
 
     result = RunResult(output_dir=output_dir, trainer=trainer)
-    if resume is None:
+    first_eval = None
+    if resume is None and evaluates_inside_training(trainer.accelerator):
+        first_eval = FirstEvaluation()  # Trainer evaluates at step 0, after preparing the sharded student
+        trainer.add_callback(first_eval)
+        trainer.args.eval_on_start = True
+    elif resume is None:
         result.metrics_before = trainer.evaluate()
         trainer.save_metrics("eval_start", result.metrics_before, combined=False)
     else:
@@ -285,6 +290,10 @@ def train(
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics = dict(train_output.metrics)
+    if first_eval is not None:
+        trainer.args.eval_on_start = False
+        result.metrics_before = first_eval.metrics or {}
+        trainer.save_metrics("eval_start", result.metrics_before, combined=False)
     save_student(trainer, output_dir, base=student_args.student)
     trainer.save_metrics("train", result.train_metrics)
     trainer.save_state()

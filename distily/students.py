@@ -195,12 +195,19 @@ def load_student(
             f"--student {name_or_path!r} does not exist. Pass a local model folder or a Hub id of a pretrained "
             "student that shares the teacher's tokenizer."
         )
-    student = AutoModelForCausalLM.from_pretrained(
-        str(path) if path.exists() else name_or_path,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-    )
+    try:
+        student = AutoModelForCausalLM.from_pretrained(
+            str(path) if path.exists() else name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+        )
+    except (OSError, ValueError) as err:  # no model files, unreachable Hub, not a causal LM
+        reason = str(err).strip().rstrip(".")
+        raise ConfigError(
+            f"Could not load --student {name_or_path!r}: {reason}. Pass a folder saved with save_pretrained (or a "
+            "Hub id) of a causal LM that shares the teacher's tokenizer."
+        ) from err
     student.config.distily_init = {"from": "pretrained", "source": name_or_path}
     student.train()
     logger.info("Loaded pretrained student %s (%s).", name_or_path, type(student).__name__)

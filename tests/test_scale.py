@@ -280,6 +280,9 @@ def test_a_pretrained_student_with_another_vocabulary_is_refused(tiny_teacher_di
     assert "The student's vocabulary (200 tokens) differs from the teacher's (128)" in capsys.readouterr().err
     assert main([*argv[:2], "--student", str(tmp_path / "missing"), *argv[4:], "--output_dir", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*argv[:2], "--student", str(tmp_path / "empty"), *argv[4:], "--output_dir", str(out)]) == 2
+    assert "Could not load --student" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -348,3 +351,44 @@ def test_deepspeed_configs_leave_batch_and_precision_to_the_trainer(stage):
     assert "optimizer" not in config and "scheduler" not in config  # Trainer's own, from the flags
     if stage == 3:  # a loadable model.safetensors in every checkpoint and in the run folder
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP/DeepSpeed runs take their "before" evaluation inside train() (eval_on_start)
+
+
+def test_evaluating_at_step_zero_inside_training_gives_the_same_run(
+    tiny_teacher_dir, text_corpus, tmp_path, monkeypatch
+):
+    """The path FSDP and DeepSpeed runs take (they cannot evaluate an unprepared student), forced on CPU."""
+    from distily import distributed
+
+    from .test_cli import base_args
+
+    before = tmp_path / "before"
+    assert main(base_args(tiny_teacher_dir, text_corpus, before)) == 0
+    monkeypatch.setattr(distributed, "evaluates_inside_training", lambda accelerator: True)
+    inside = tmp_path / "inside"
+    assert main(base_args(tiny_teacher_dir, text_corpus, inside)) == 0
+    for name in ("eval_start_results.json", "eval_results.json"):
+        expected, got = (json.loads((run / name).read_text()) for run in (before, inside))
+        assert got["eval_student_ppl"] == pytest.approx(expected["eval_student_ppl"], rel=1e-6), name
+        assert got["eval_teacher_ppl"] == pytest.approx(expected["eval_teacher_ppl"], rel=1e-6), name
+        assert got["eval_tokens"] == expected["eval_tokens"]
+    from safetensors.torch import load_file
+
+    expected, got = load_file(before / "model.safetensors"), load_file(inside / "model.safetensors")
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_the_embedded_gguf_teacher_is_not_a_quantized_teacher(smollm2):
+    """GGUF loads through a transformers quantizer but dequantises to floats: students may copy its layers."""
+    from distily.teacher.quantization import is_quantized
+
+    teacher, _ = smollm2
+    assert teacher.hf_quantizer is not None and not is_quantized(teacher)
+    student = build_student(teacher, {"num_hidden_layers": 2})
+    assert student.config.distily_init["teacher_layers"] == [0, 29]
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[29].mlp.up_proj.weight)
