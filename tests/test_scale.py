@@ -392,3 +392,34 @@ def test_the_embedded_gguf_teacher_is_not_a_quantized_teacher(smollm2):
     student = build_student(teacher, {"num_hidden_layers": 2})
     assert student.config.distily_init["teacher_layers"] == [0, 29]
     torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[29].mlp.up_proj.weight)
+
+
+def test_lora_student_resumes_from_an_adapter_checkpoint(tmp_path):
+    """Checkpoints of a LoRA student hold the adapters only; resuming from one ends where an uninterrupted run does."""
+    from .test_trainer import StopAt
+
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, learning_rate=1e-2)
+    data = random_blocks(24)
+
+    def lora_trainer(folder: str) -> DistillationTrainer:
+        teacher, student = make_pair()
+        peft = apply_lora(student, PeftArguments(lora_r=4))
+        config = make_config(tmp_path / folder, **common)
+        return DistillationTrainer(model=peft, teacher_model=teacher, args=config, train_dataset=data)
+
+    full = lora_trainer("full")
+    full.train()
+    expected = {n: p.detach().clone() for n, p in full.model.named_parameters() if p.requires_grad}
+
+    first = lora_trainer("parts")
+    first.add_callback(StopAt(2))
+    first.train()
+    checkpoint = tmp_path / "parts" / "out" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    second = lora_trainer("parts")
+    second.train(resume_from_checkpoint=str(checkpoint))
+    assert second.state.global_step == 4
+    resumed = {n: p.detach() for n, p in second.model.named_parameters() if p.requires_grad}
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
