@@ -144,8 +144,10 @@ with torch.no_grad():
 shard_numel = sum(p.to_local().numel() for p in teacher.parameters())
 loss = build_loss("forward_kl")
 kd = [distillation_loss(student_logits, t, mask, loss, 1.0, mask.sum()).item() for t in (whole, sharded)]
-print(json.dumps({{"rank": dist.get_rank(), "max_diff": (sharded - whole).abs().max().item(), "kd": kd,
-                   "shard_fraction": shard_numel / local_numel}}), flush=True)
+report = {{"rank": dist.get_rank(), "max_diff": (sharded - whole).abs().max().item(), "kd": kd,
+          "shard_fraction": shard_numel / local_numel}}
+with open(f"{out}/rank{{dist.get_rank()}}.json", "w") as handle:  # one file per rank: stdout lines interleave
+    json.dump(report, handle)
 dist.destroy_process_group()
 """
 
@@ -157,12 +159,12 @@ def test_fsdp2_sharded_teacher_gives_the_same_logits_with_half_the_weights(tmp_p
     must reproduce the whole teacher's logits exactly, while each rank stores half of every weight.
     """
     script = tmp_path / "fsdp_teacher.py"
-    script.write_text(FSDP_TEACHER_SCRIPT.format(root=str(ROOT)))
+    script.write_text(FSDP_TEACHER_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(report["rank"] for report in reports) == [0, 1]
     for report in reports:
         assert report["max_diff"] <= 1e-6
