@@ -1,9 +1,10 @@
 """Throughput and peak memory of one process against DDP across processes, on CPU, through the `distily` CLI.
 
-Both modes train the same global batch (1 process × B rows against N processes × B/N rows) on the embedded
-SmolLM2-135M-Instruct teacher and its 4-layer student, and split the machine's cores between their processes
-(1 process with N threads against N processes with 1 thread each). Runs are interleaved and repeated; the table
-gives medians of the logged tokens/s (first step left out as warm-up) and of the per-process peak RSS.
+All modes train the same global batch (1 process × B rows against N processes × B/N rows) on the embedded
+SmolLM2-135M-Instruct teacher and its 4-layer student: 1 process with N threads (the N cores to itself), 1 process
+with 1 thread (what one core does), N processes with 1 thread each (DDP, gloo). Runs are interleaved and
+repeated; the table gives medians of the logged tokens/s (first step left out as warm-up) and of the
+per-process peak RSS.
 
     .venv/bin/python benchmarks/scale_ddp.py --repeats 2 --steps 8
 
@@ -72,12 +73,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     cores = args.processes  # the cores split between the processes of each mode
-    modes = {"1 process": (1, cores), f"DDP {args.processes} processes (gloo)": (args.processes, 1)}
+    modes = {
+        "1 process": (1, cores),
+        "1 process, 1 thread": (1, 1),
+        f"DDP {args.processes} processes (gloo)": (args.processes, 1),
+    }
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="distily-bench-") as tmp:
         for repeat in range(args.repeats):
-            for mode, (processes, threads) in modes.items():  # interleaved: ABAB
-                out = Path(tmp) / f"{processes}-{repeat}"
+            for mode, (processes, threads) in modes.items():  # interleaved: ABCABC
+                out = Path(tmp) / f"{processes}-{threads}-{repeat}"
                 results[mode].append(run_once(processes, args.global_batch, args.steps, args.seq_len, threads, out))
                 print(f"# {mode}, repeat {repeat + 1}: {results[mode][-1]}", file=sys.stderr, flush=True)
     base = statistics.median(r["tokens_per_second"] for r in results["1 process"])

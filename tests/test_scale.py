@@ -341,6 +341,26 @@ def test_accelerate_configs_load_and_say_what_they_launch():
             assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == stage
 
 
+def test_fsdp_config_gives_accelerate_an_fsdp2_plugin(monkeypatch):
+    """What `accelerate launch --config_file configs/accelerate/fsdp.yaml` hands each process, read back by the
+    FSDP plugin that Trainer's Accelerator builds from the environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "-m", "distily.cli"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true"
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_leave_batch_and_precision_to_the_trainer(stage):
     config = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
