@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from distily import ConfigError, DistillationTrainer, build_student
 from distily.cli import main
 from distily.config import PeftArguments, StudentArguments, TeacherArguments
-from distily.distributed import check_world_size, resolve_teacher_sharding
+from distily.distributed import check_world_size, place_teacher, resolve_teacher_sharding
 from distily.lora import ADAPTER_DIR, apply_lora, is_peft_model, merge_peft, merge_saved_adapter
 from distily.teacher import quantization
 from distily.teacher.quantization import bitsandbytes_config
@@ -104,6 +104,15 @@ def test_teacher_sharding_is_resolved_per_launch_mode():
         resolve_teacher_sharding("replicate", zero3)
     with pytest.raises(ConfigError, match="cannot be sharded"):
         resolve_teacher_sharding("shard", fsdp, quantized=True)
+
+    teacher, _ = make_pair()
+    fsdp.state.fsdp_plugin = SimpleNamespace(fsdp_version=1)
+    args = SimpleNamespace(teacher_sharding="shard", teacher_device=None, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="needs FSDP2: set fsdp_version: 2"):
+        place_teacher(teacher, fsdp, args)
+    args.teacher_sharding, args.teacher_device = "auto", "cpu"
+    placed, device = place_teacher(teacher, fsdp, args)  # replicated: a whole teacher on --teacher_device
+    assert placed is teacher and device == torch.device("cpu")
 
 
 def test_a_launch_that_would_train_n_independent_copies_is_refused():
