@@ -115,6 +115,8 @@ def place_teacher(teacher: nn.Module, accelerator, args) -> tuple[nn.Module, tor
                     "fsdp.yaml does) or use --teacher_sharding replicate."
                 )
             mesh = getattr(accelerator, "torch_device_mesh", None)
+            if mesh is not None and mesh.ndim > 1:  # e.g. data-parallel × shard dimensions: shard like the student
+                mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
             shard_teacher_fsdp2(teacher, mesh=mesh, offload_policy=getattr(plugin, "cpu_offload", None))
             return teacher, accelerator.device
         return deepspeed_teacher(teacher, accelerator), accelerator.device
