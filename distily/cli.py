@@ -43,8 +43,8 @@ def parse_with_yaml(argv: list[str], classes=RUN_ARGUMENT_CLASSES, prog: str = "
 def train_command(argv: list[str]) -> int:
     from .run import main_command, train
 
-    teacher_args, student_args, data_args, config = parse_with_yaml(argv)
-    train(teacher_args, student_args, data_args, config, command=main_command())
+    teacher_args, student_args, peft_args, data_args, config = parse_with_yaml(argv)
+    train(teacher_args, student_args, data_args, config, command=main_command(), peft_args=peft_args)
     return 0
 
 

@@ -1,10 +1,11 @@
 """Typed, self-validating configuration.
 
-A run is described by four dataclasses, each validated in ``__post_init__`` with errors that say what to
+A run is described by five dataclasses, each validated in ``__post_init__`` with errors that say what to
 change:
 
 * :class:`TeacherArguments` -- which teacher and how to load it;
-* :class:`StudentArguments` -- how to build the student from the teacher;
+* :class:`StudentArguments` -- how to build the student from the teacher (or which pretrained student to use);
+* :class:`PeftArguments` -- LoRA/DoRA adapters instead of training every student weight;
 * :class:`DataArguments` -- the corpus and how to split it;
 * :class:`DistillationConfig` -- a :class:`transformers.TrainingArguments` with the distillation fields.
 
@@ -23,6 +24,7 @@ from transformers import TrainingArguments
 
 STUDENT_INITS = ("auto", "teacher", "random")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_SHARDINGS = ("auto", "replicate", "shard")
 
 
 class ConfigError(ValueError):
@@ -72,10 +74,31 @@ class TeacherArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the Hub (off unless you ask)."}
     )
+    teacher_load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the teacher's linear layers in 8-bit with bitsandbytes (about half the memory of "
+            "bfloat16). CUDA GPUs only; needs pip install 'distily[gpu]'. Not for GGUF teachers."
+        },
+    )
+    teacher_load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the teacher in 4-bit NF4 with bitsandbytes (double quantisation, computing in "
+            "--teacher_dtype). CUDA GPUs only; needs pip install 'distily[gpu]'. Not for GGUF teachers."
+        },
+    )
 
     def __post_init__(self):
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ConfigError(f"--teacher_dtype {self.teacher_dtype!r} is not one of {', '.join(TEACHER_DTYPES)}.")
+        if self.teacher_load_in_8bit and self.teacher_load_in_4bit:
+            raise ConfigError("--teacher_load_in_8bit and --teacher_load_in_4bit exclude each other: pick one.")
+
+    @property
+    def teacher_quantization_bits(self) -> int | None:
+        """8 or 4 when the teacher is loaded with bitsandbytes, else None."""
+        return 8 if self.teacher_load_in_8bit else 4 if self.teacher_load_in_4bit else None
 
 
 @dataclass
@@ -98,10 +121,97 @@ class StudentArguments:
         },
     )
 
+    student: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained student to distil into instead of building one from the teacher: a Hub id or a "
+            "local model folder whose vocabulary is the teacher's. Excludes --student_config and --student_init."
+        },
+    )
+
     def __post_init__(self):
         self.student_config = parse_json_dict(self.student_config, "student_config", '{"num_hidden_layers": 4}')
         if self.student_init not in STUDENT_INITS:
             raise ConfigError(f"--student_init {self.student_init!r} is not one of {', '.join(STUDENT_INITS)}.")
+        if self.student is not None and not str(self.student).strip():
+            self.student = None
+        if self.student is not None and (self.student_config or self.student_init != "auto"):
+            raise ConfigError(
+                f"--student {self.student!r} loads a pretrained student as it is; --student_config and "
+                "--student_init only apply to a student built from the teacher. Drop one or the other."
+            )
+
+
+@dataclass
+class PeftArguments:
+    """Parameter-efficient students: train LoRA (or DoRA) adapters on a frozen student instead of every weight.
+
+    The run folder still holds a plain model (adapters merged) that ``AutoModelForCausalLM`` loads; the adapters
+    alone are kept in its ``adapter/`` folder.
+    """
+
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "Rank of the LoRA adapters on the student. Unset: train every student weight."},
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA scale numerator: updates are scaled by alpha / r. Default: 2 × lora_r."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path, in [0, 1)."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Comma-separated names of the modules that get adapters (e.g. 'q_proj,v_proj'), or 'all-linear' "
+            "(every linear layer except the output head)."
+        },
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "Weight-decomposed LoRA (DoRA): adapters learn a magnitude and a direction. Needs --lora_r."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.lora_target_modules, (list, tuple)):
+            self.lora_target_modules = ",".join(str(name).strip() for name in self.lora_target_modules)
+        if self.lora_r is None:
+            asked = [
+                flag
+                for flag, changed in (
+                    ("--lora_alpha", self.lora_alpha is not None),
+                    ("--lora_dropout", self.lora_dropout != 0.0),
+                    ("--lora_target_modules", self.lora_target_modules != "all-linear"),
+                    ("--use_dora", self.use_dora),
+                )
+                if changed
+            ]
+            if asked:
+                raise ConfigError(
+                    f"{', '.join(asked)} only apply to a LoRA student. Set its rank too, e.g. --lora_r 16."
+                )
+            return
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise ConfigError(f"--lora_r must be a whole number ≥ 1 (typical: 8 to 64), got {self.lora_r!r}.")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"--lora_alpha must be a number > 0 (default 2 × lora_r), got {self.lora_alpha!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not self.target_modules:
+            raise ConfigError("--lora_target_modules is empty. Name modules ('q_proj,v_proj') or pass 'all-linear'.")
+
+    @property
+    def enabled(self) -> bool:
+        """True when the student trains LoRA/DoRA adapters rather than all of its weights."""
+        return self.lora_r is not None
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        """``'all-linear'`` or the list of module names, as ``peft.LoraConfig`` takes them."""
+        names = [name.strip() for name in str(self.lora_target_modules).split(",") if name.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * float(self.lora_r or 0)
 
 
 @dataclass
@@ -188,6 +298,22 @@ class DistillationConfig(TrainingArguments):
         default=True,
         metadata={"help": "Report the teacher's perplexity on the eval split (computed once, reused)."},
     )
+    teacher_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device of the teacher, e.g. 'cuda:1' or 'cpu'. Default: the student's device (each process's "
+            "own under DDP). The teacher's logits are moved to the student's device for the loss."
+        },
+    )
+    teacher_sharding: str = field(
+        default="auto",
+        metadata={
+            "help": "Under FSDP or DeepSpeed ZeRO-3: 'shard' splits the teacher's weights across processes too "
+            "(FSDP: fully_shard; ZeRO-3: a ZeRO-3 inference engine), 'replicate' keeps a whole teacher on each "
+            "process. 'auto': shard under ZeRO-3 (which loads the teacher partitioned), replicate otherwise.",
+            "choices": list(TEACHER_SHARDINGS),
+        },
+    )
 
     def __post_init__(self):
         # Distillation fields first: their errors are the ones a user is most likely to hit.
@@ -207,6 +333,24 @@ class DistillationConfig(TrainingArguments):
             )
         if self.seq_len < 2:
             raise ConfigError(f"--seq_len must be at least 2 tokens, got {self.seq_len}.")
+        if self.teacher_sharding not in TEACHER_SHARDINGS:
+            raise ConfigError(
+                f"--teacher_sharding {self.teacher_sharding!r} is not one of {', '.join(TEACHER_SHARDINGS)}."
+            )
+        if self.teacher_device is not None and not str(self.teacher_device).strip():
+            self.teacher_device = None
+        if self.teacher_device is not None:
+            try:
+                torch.device(self.teacher_device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(
+                    f"--teacher_device {self.teacher_device!r} is not a device. Use e.g. 'cuda:1', 'cuda' or 'cpu'."
+                ) from None
+            if self.teacher_sharding == "shard":
+                raise ConfigError(
+                    "--teacher_device puts a whole teacher on one device; --teacher_sharding shard splits it across "
+                    "processes. Drop one of them."
+                )
         # Validate the loss parameters now rather than at the first training step.
         from .losses import build_loss
 
@@ -222,14 +366,23 @@ class DistillationConfig(TrainingArguments):
         """The fields this class adds to ``TrainingArguments``."""
         return {
             name: getattr(self, name)
-            for name in ("loss", "loss_kwargs", "temperature", "alpha", "seq_len", "eval_teacher")
+            for name in (
+                "loss",
+                "loss_kwargs",
+                "temperature",
+                "alpha",
+                "seq_len",
+                "eval_teacher",
+                "teacher_device",
+                "teacher_sharding",
+            )
         }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One flat namespace for flags and YAML files
 
-RUN_ARGUMENT_CLASSES = (TeacherArguments, StudentArguments, DataArguments, DistillationConfig)
+RUN_ARGUMENT_CLASSES = (TeacherArguments, StudentArguments, PeftArguments, DataArguments, DistillationConfig)
 # Never written to a saved config: secrets stay out of files that get shared.
 SECRET_FIELDS = ("hub_token",)
 

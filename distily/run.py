@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DataArguments, DistillationConfig, StudentArguments, TeacherArguments, config_to_dict
+from .config import (
+    ConfigError,
+    DataArguments,
+    DistillationConfig,
+    PeftArguments,
+    StudentArguments,
+    TeacherArguments,
+    config_to_dict,
+)
 from .io import provenance, write_json_atomic, write_yaml_atomic
 
 logger = logging.getLogger(__name__)
@@ -165,16 +173,24 @@ def train(
     data_args: DataArguments,
     config: DistillationConfig,
     command: list[str] | None = None,
+    peft_args: PeftArguments | None = None,
 ) -> RunResult:
-    """Distil ``teacher_args.teacher`` into a student built from it, on ``data_args.dataset``.
+    """Distil ``teacher_args.teacher`` into a student built from it (or the pretrained ``student_args.student``,
+    with LoRA/DoRA adapters when ``peft_args`` enables them), on ``data_args.dataset``.
 
     Evaluates teacher and student on the eval split before and after training, saves the student (with its
     tokenizer), metrics, trainer state, TensorBoard logs and the resolved config in ``config.output_dir``.
+    Works the same in each process of a multi-process launch (torchrun, accelerate launch); only the main
+    process writes the run's own files.
     """
     from .data import prepare_datasets
-    from .students import build_student, count_parameters
-    from .teacher.loading import load_teacher
+    from .distributed import FirstEvaluation, evaluates_inside_training, weights_are_sharded
+    from .lora import apply_lora, save_student
+    from .students import build_student, count_parameters, load_student
+    from .teacher.loading import load_teacher, resolve_dtype
     from .trainer import DistillationTrainer, check_compatible
+
+    peft_args = peft_args if peft_args is not None else PeftArguments()
 
     output_dir = Path(config.output_dir)
     resume = resolve_resume(output_dir, config.resume_from_checkpoint)
@@ -183,20 +199,33 @@ def train(
         raise ConfigError("--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct.")
 
     started = time.time()
+    bits = teacher_args.teacher_quantization_bits
+    teacher_device = config.teacher_device or config.device
+    dtype = teacher_args.teacher_dtype
+    if dtype == "auto":  # bfloat16 where the teacher's device supports it
+        dtype = str(resolve_dtype(dtype, teacher_device)).removeprefix("torch.")
     teacher, tokenizer = load_teacher(
         teacher_args.teacher,
-        dtype=teacher_args.teacher_dtype,
+        dtype=dtype,
+        device=teacher_device if bits else None,
         revision=teacher_args.teacher_revision,
         trust_remote_code=teacher_args.trust_remote_code,
+        quantization_bits=bits,
     )
     # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
-    student = build_student(teacher, student_args.student_config, init=student_args.student_init)
+    if student_args.student:
+        student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
+    else:
+        student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     check_compatible(student, teacher, config)
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
         )
-    data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed)
+    if peft_args.enabled:
+        student = apply_lora(student, peft_args)
+    with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache
+        data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed)
     logger.info(
         "Data: %d train blocks (%d documents), %d eval blocks (%d documents) of %d tokens.",
         len(data.train), data.train_documents, len(data.eval), data.eval_documents, config.seq_len,
@@ -210,10 +239,19 @@ def train(
         processing_class=tokenizer,
     )
 
-    # Only now, with every input checked, is the output folder written.
-    if resume is None and config.overwrite_output_dir:
+    if peft_args.enabled and weights_are_sharded(trainer.accelerator) and not student_args.student:
+        raise ConfigError(
+            "A LoRA student trained with sharded weights (FSDP, ZeRO-3) is merged at the end from the pretrained "
+            "student on disk: pass --student PATH, or train under DDP/ZeRO-2."
+        )
+
+    # Only now, with every input checked (by every process), is the output folder written, by the main process.
+    trainer.accelerator.wait_for_everyone()
+    is_main = trainer.is_world_process_zero()
+    if is_main and resume is None and config.overwrite_output_dir:
         clear_output_dir(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         **provenance(),
         "status": "running",
@@ -221,15 +259,27 @@ def train(
         "command": shlex.join(command) if command else None,
         "teacher": teacher_args.teacher,
         "teacher_parameters": count_parameters(teacher),
+        "student": student_args.student,
         "student_parameters": count_parameters(student),
+        "student_trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "processes": trainer.accelerator.num_processes,
         "train_blocks": len(data.train),
         "eval_blocks": len(data.eval),
     }
-    write_json_atomic(output_dir / RUN_MANIFEST, manifest)
-    write_yaml_atomic(output_dir / RUN_CONFIG, config_to_dict(teacher_args, student_args, data_args, config))
+    if is_main:
+        write_json_atomic(output_dir / RUN_MANIFEST, manifest)
+        write_yaml_atomic(
+            output_dir / RUN_CONFIG, config_to_dict(teacher_args, student_args, peft_args, data_args, config)
+        )
+    trainer.accelerator.wait_for_everyone()
 
     result = RunResult(output_dir=output_dir, trainer=trainer)
-    if resume is None:
+    first_eval = None
+    if resume is None and evaluates_inside_training(trainer.accelerator):
+        first_eval = FirstEvaluation()  # Trainer evaluates at step 0, after preparing the sharded student
+        trainer.add_callback(first_eval)
+        trainer.args.eval_on_start = True
+    elif resume is None:
         result.metrics_before = trainer.evaluate()
         trainer.save_metrics("eval_start", result.metrics_before, combined=False)
     else:
@@ -240,7 +290,11 @@ def train(
 
     train_output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics = dict(train_output.metrics)
-    trainer.save_model()
+    if first_eval is not None:
+        trainer.args.eval_on_start = False
+        result.metrics_before = first_eval.metrics or {}
+        trainer.save_metrics("eval_start", result.metrics_before, combined=False)
+    save_student(trainer, output_dir, base=student_args.student)
     trainer.save_metrics("train", result.train_metrics)
     trainer.save_state()
     result.metrics_after = trainer.evaluate()
@@ -252,9 +306,10 @@ def train(
         wall_time_seconds=round(time.time() - started, 1),
         global_step=trainer.state.global_step,
     )
-    write_json_atomic(output_dir / RUN_MANIFEST, manifest)
-    print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
-    print(f"Student saved to {output_dir}", flush=True)
+    if is_main:
+        write_json_atomic(output_dir / RUN_MANIFEST, manifest)
+        print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
+        print(f"Student saved to {output_dir}", flush=True)
     return result
 
 

@@ -142,9 +142,11 @@ def build_student(
         raise ConfigError(f"init={init!r} is not one of {', '.join(STUDENT_INITS)}.")
     config = student_config_from_teacher(teacher.config, overrides)
     config.dtype = dtype
-    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     n_teacher, n_student = layer_count(teacher.config), layer_count(config)
     copy_weights = init == "teacher" or (init == "auto" and _same_width(config, teacher.config))
+    if copy_weights:
+        _check_teacher_weights_readable(teacher)
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if copy_weights:
         layer_map = uniform_layer_subset(n_teacher, n_student)
         left_random = init_from_teacher(student, teacher, layer_map)
@@ -161,11 +163,62 @@ def build_student(
     return student
 
 
+def _check_teacher_weights_readable(teacher: nn.Module) -> None:
+    """A student copies teacher tensors only when they hold plain float weights on this process."""
+    from .teacher.quantization import is_quantized
+
+    if is_quantized(teacher):
+        raise ConfigError(
+            "The teacher was loaded quantised (8-bit/4-bit), so a student cannot copy its weights. Pass a pretrained "
+            "student with --student PATH, or build one with random weights (--student_init random)."
+        )
+    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in teacher.parameters()):
+        raise ConfigError(
+            "The teacher's weights are partitioned across processes (DeepSpeed ZeRO-3 loads them that way), so a "
+            "student cannot copy them. Build the student once without ZeRO-3 (distily.build_student, then "
+            "save_pretrained) and pass it with --student PATH; see docs/scaling.md."
+        )
+
+
+def load_student(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """A pretrained causal LM to distil into (``--student``), in float32 and train mode.
+
+    It must share the teacher's tokenizer; :func:`distily.trainer.check_compatible` compares the vocabularies.
+    """
+    from pathlib import Path
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise FileNotFoundError(
+            f"--student {name_or_path!r} does not exist. Pass a local model folder or a Hub id of a pretrained "
+            "student that shares the teacher's tokenizer."
+        )
+    try:
+        student = AutoModelForCausalLM.from_pretrained(
+            str(path) if path.exists() else name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+        )
+    except (OSError, ValueError) as err:  # no model files, unreachable Hub, not a causal LM
+        reason = str(err).strip().rstrip(".")
+        raise ConfigError(
+            f"Could not load --student {name_or_path!r}: {reason}. Pass a folder saved with save_pretrained (or a "
+            "Hub id) of a causal LM that shares the teacher's tokenizer."
+        ) from err
+    student.config.distily_init = {"from": "pretrained", "source": name_or_path}
+    student.train()
+    logger.info("Loaded pretrained student %s (%s).", name_or_path, type(student).__name__)
+    return student
+
+
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
+    """Unique parameters (tied embeddings counted once; ZeRO-3 partitioned ones at their full size)."""
     seen, total = set(), 0
     for parameter in model.parameters():
         if id(parameter) not in seen:
             seen.add(id(parameter))
-            total += parameter.numel()
+            total += getattr(parameter, "ds_numel", None) or parameter.numel()
     return total

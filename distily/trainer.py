@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .config import ConfigError, DistillationConfig
 from .data import BlockCollator
+from .distributed import check_world_size, place_teacher, world_size_from_env, wrap_student_for_training
 from .losses import build_loss, distillation_loss
 from .teacher.loading import freeze
 
@@ -89,8 +90,9 @@ class DistillationTrainer(Trainer):
     ``alpha · T² · mean D(student/T ‖ teacher/T) + (1 − alpha) · mean CE(student, labels)``
     where D is ``args.loss`` from :data:`distily.LOSSES`.
 
-    The teacher is frozen (eval mode, no gradients), placed on the student's device, kept out of the optimizer
-    and never saved in checkpoints. ``teacher_model`` may be ``None`` only when ``alpha == 0`` (plain
+    The teacher is frozen (eval mode, no gradients), placed on the student's device (or ``args.teacher_device``,
+    or sharded under FSDP/ZeRO-3: :mod:`distily.distributed`), kept out of the optimizer and never saved in
+    checkpoints. ``teacher_model`` may be ``None`` only when ``alpha == 0`` (plain
     cross-entropy, the student-only baseline).
     """
 
@@ -126,9 +128,11 @@ class DistillationTrainer(Trainer):
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
         )
+        check_world_size(world_size_from_env(), self.accelerator.num_processes)
         self.teacher = freeze(teacher_model) if teacher_model is not None else None
+        self.teacher_input_device = self.args.device
         if self.teacher is not None:
-            self.teacher.to(self.args.device)
+            self.teacher, self.teacher_input_device = place_teacher(self.teacher, self.accelerator, self.args)
         self.loss_fn = build_loss(args.loss, args.loss_kwargs)
         self.step_timer = StepTimer()
         self.add_callback(self.step_timer)
@@ -140,11 +144,15 @@ class DistillationTrainer(Trainer):
     # -- objective ---------------------------------------------------------------------------------------------
 
     def teacher_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The frozen teacher's logits for a batch (no gradients, teacher's own dtype)."""
+        """The frozen teacher's logits for a batch (no gradients, teacher's own dtype, on the student's device)."""
+        device, mask = self.teacher_input_device, inputs.get("attention_mask")
         with torch.no_grad():
-            return self.teacher(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+            logits = self.teacher(
+                input_ids=inputs["input_ids"].to(device),
+                attention_mask=mask.to(device) if mask is not None else None,
+                use_cache=False,
             ).logits
+        return logits.to(inputs["input_ids"].device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation objective (see the class docstring), normalised by the number of real tokens.
@@ -171,18 +179,19 @@ class DistillationTrainer(Trainer):
             loss = loss + args.alpha * kd
             components["loss_kd"] = kd
         if args.alpha < 1 or not training:
-            ce_sum = F.cross_entropy(
+            ce_rows = F.cross_entropy(
                 student_logits.reshape(-1, student_logits.shape[-1]).float(),
                 labels.reshape(-1),
                 ignore_index=-100,
-                reduction="sum",
-            )
+                reduction="none",
+            ).view(labels.shape)
+            ce_sum = ce_rows.sum()
             ce = ce_sum / normaliser
             if args.alpha < 1:
                 loss = loss + (1 - args.alpha) * ce
             components["loss_ce"] = ce
         if not training:
-            self._accumulate_eval(ce_sum, local_tokens, teacher_logits, labels)
+            self._accumulate_eval(ce_rows.sum(-1), mask.sum(-1), teacher_logits, labels)
 
         if training:
             # The loss is already normalised over the accumulated batch when num_items_in_batch is known.
@@ -197,27 +206,39 @@ class DistillationTrainer(Trainer):
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
-    def _accumulate_eval(self, ce_sum, tokens, teacher_logits, labels) -> None:
-        teacher_ce = torch.zeros((), device=ce_sum.device)
+    def _accumulate_eval(self, ce_rows, tokens_rows, teacher_logits, labels) -> None:
+        """Adds one eval batch's per-sequence sums (student CE, teacher CE, real tokens) to the running totals.
+
+        Per sequence, because under DDP accelerate fills the last eval batch of some processes with repeated
+        sequences; ``gather_for_metrics`` drops them, so every eval sequence counts exactly once.
+        """
+        teacher_rows = torch.zeros_like(ce_rows)
         if teacher_logits is not None:
-            teacher_ce = F.cross_entropy(
-                teacher_logits.reshape(-1, teacher_logits.shape[-1]).float(),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
+            teacher_rows = (
+                F.cross_entropy(
+                    teacher_logits.reshape(-1, teacher_logits.shape[-1]).float(),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="none",
+                )
+                .view(labels.shape)
+                .sum(-1)
             )
-        values = torch.stack([ce_sum.detach().float(), teacher_ce.float(), tokens.float()])
+        rows = torch.stack([ce_rows.detach().float(), teacher_rows.float(), tokens_rows.float()], dim=-1)
+        values = self.accelerator.gather_for_metrics(rows).sum(0)
         self._eval_sums = values if self._eval_sums is None else self._eval_sums + values
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         """Runs Trainer's loop, then adds ``{prefix}_student_ppl`` and ``{prefix}_teacher_ppl``: exp of the mean
-        next-token cross-entropy over the real tokens of the eval set, summed across processes."""
+        next-token cross-entropy over the real tokens of the eval set, gathered from every process."""
         self._eval_sums = None
+        if not self.is_in_train:
+            wrap_student_for_training(self)  # before Trainer's eval-only preparation; see distily.distributed
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self._eval_sums is not None:
-            student_ce, teacher_ce, tokens = self.accelerator.reduce(self._eval_sums, reduction="sum").tolist()
+            student_ce, teacher_ce, tokens = self._eval_sums.tolist()
             if tokens > 0:
                 output.metrics[f"{metric_key_prefix}_student_ppl"] = math.exp(min(student_ce / tokens, 700.0))
                 if self.teacher is not None and self.args.eval_teacher:

@@ -110,12 +110,27 @@ def load_teacher(
     device: torch.device | str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    quantization_bits: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen teacher (eval mode, no gradients) and its tokenizer."""
+    """Load a frozen teacher (eval mode, no gradients) and its tokenizer.
+
+    ``quantization_bits`` (8 or 4) loads the linear layers with bitsandbytes straight onto ``device`` (default:
+    the current CUDA device); see :mod:`distily.teacher.quantization`.
+    """
     folder, gguf_file = resolve_teacher_path(name_or_path)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, device)}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if quantization_bits is not None:
+        from .quantization import bitsandbytes_config
+
+        compute_dtype = None if dtype == "auto" else getattr(torch, dtype)
+        kwargs["quantization_config"] = bitsandbytes_config(
+            quantization_bits, compute_dtype, name_or_path, gguf=bool(gguf_file)
+        )
+        # A quantised model is placed while loading and never moved with .to() afterwards.
+        kwargs["device_map"] = {"": torch.device(device) if device is not None else torch.cuda.current_device()}
+        device = None
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:  # missing files / unreachable Hub, or a folder that holds no model
