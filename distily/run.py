@@ -165,12 +165,21 @@ def train(
     data_args: DataArguments,
     config: DistillationConfig,
     command: list[str] | None = None,
+    *,
+    callbacks: list | None = None,
+    loaded_teacher: tuple | None = None,
 ) -> RunResult:
     """Distil ``teacher_args.teacher`` into a student built from it, on ``data_args.dataset``.
 
     Evaluates teacher and student on the eval split before and after training, saves the student (with its
     tokenizer), metrics, trainer state, TensorBoard logs and the resolved config in ``config.output_dir``.
+
+    ``callbacks`` are extra ``TrainerCallback``s (a sweep's pruning callback). ``loaded_teacher`` is a
+    ``(model, tokenizer)`` pair already loaded from ``teacher_args`` (the teacher is frozen and never modified,
+    so a sweep worker loads it once and reuses it for every trial).
     """
+    from transformers import set_seed
+
     from .data import prepare_datasets
     from .students import build_student, count_parameters
     from .teacher.loading import load_teacher
@@ -183,12 +192,17 @@ def train(
         raise ConfigError("--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct.")
 
     started = time.time()
-    teacher, tokenizer = load_teacher(
-        teacher_args.teacher,
-        dtype=teacher_args.teacher_dtype,
-        revision=teacher_args.teacher_revision,
-        trust_remote_code=teacher_args.trust_remote_code,
-    )
+    if loaded_teacher is not None:
+        teacher, tokenizer = loaded_teacher
+    else:
+        teacher, tokenizer = load_teacher(
+            teacher_args.teacher,
+            dtype=teacher_args.teacher_dtype,
+            revision=teacher_args.teacher_revision,
+            trust_remote_code=teacher_args.trust_remote_code,
+        )
+    # Seeded before the student is built, so a randomly initialised student is the same in every run.
+    set_seed(config.seed)
     # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
     student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     check_compatible(student, teacher, config)
@@ -208,6 +222,7 @@ def train(
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
 
     # Only now, with every input checked, is the output folder written.
