@@ -22,7 +22,7 @@ from distily.cli import main
 from distily.config import ConfigError, config_to_dict, known_fields, load_yaml_file
 from distily.sweep import SweepConfig, load_sweep
 from distily.sweep.config import parse_sweep_argv, run_configs
-from distily.sweep.runner import MetricsError, TrialError, combine
+from distily.sweep.runner import MetricsError, TrialError, Worker, combine, open_study
 from distily.sweep.space import get_path, sample_config, set_path
 from distily.sweep.storage import fail_dead_trials, open_storage, worker_id
 
@@ -166,6 +166,14 @@ BAD_SWEEPS = [
     ({"search_space": {"loss": ["forward_kl", "kl_reverse"]}}, r"loss = 'kl_reverse'.*Unknown loss"),
     ({"search_space": {"temperature": 2.0}}, r"put it under 'fixed:'"),
     ({"search_space": {"seq_len": {"low": 16, "high": 64}}, "fixed": {"seq_len": 32}}, r"both fixed and in search"),
+    (
+        {
+            "search_space": {"loss_kwargs.beta": {"low": 0.1, "high": 0.9, "when": {"loss": "reverse_kl"}}},
+            "fixed": {"loss": "forward_kl"},
+        },
+        r"loss is fixed to 'forward_kl', not \['reverse_kl'\], so this entry would never be sampled",
+    ),
+    ({"search_space": {"output_dir": ["a", "b"]}}, r"cannot sweep 'output_dir'"),
     ({"sampler": "bayes"}, r"Unknown sampler 'bayes'.*Known samplers: nsgaii, random, tpe"),
     ({"pruner": "medain"}, r"Unknown pruner 'medain'. Did you mean 'median'"),
     ({"pruner": "median", "pruner_kwargs": {"n_startup": 2}}, r"pruner 'median' does not accept pruner_kwargs"),
@@ -501,3 +509,49 @@ def test_multi_objective_sweep_writes_a_pareto_front(tmp_path, tiny_teacher_dir,
     assert (tmp_path / "sweep" / "plots" / "pareto_front.png").is_file()
     config = load_yaml_file(summary["best"][0]["config_file"])
     assert config == config_to_dict(*run_configs(config))
+
+
+def test_a_worker_that_loses_the_race_for_the_last_trial_returns_it_to_the_queue(tmp_path, monkeypatch):
+    sweep = SweepConfig(
+        fixed={"teacher": "gpt2"}, search_space={"alpha": {"low": 0.5, "high": 1.0}}, n_trials=1,
+        sweep_dir=str(tmp_path / "sweep"),
+    )  # fmt: skip
+    storage = open_storage(sweep.storage_url, create_dirs=sweep.directory)
+    study = open_study(sweep, storage)
+    other = study.ask()  # another live worker took the only slot ...
+    other.set_user_attr("worker", worker_id())
+    other.set_user_attr("heartbeat", time.time())
+    worker = Worker(sweep, study, storage, command=None)
+    real_counts, calls = worker._counts, []
+
+    def before_the_other_trial_was_visible(before=None):  # ... just after this worker's first look
+        calls.append(before)
+        return (0, 0) if len(calls) == 1 else real_counts(before)
+
+    monkeypatch.setattr(worker, "_counts", before_the_other_trial_was_visible)
+    worker.run()
+    assert calls == [None, 1]  # looked, asked for trial 1, counted the trials ahead of it
+    assert worker.ran == []
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
+    assert study.get_trials()[1].params == {}  # handed back before anything was sampled
+    assert study.ask().number == 1  # the next worker (or a rerun with more trials) picks it up
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_fail_stops_with_the_reason(tmp_path, tiny_teacher_dir, text_corpus, capsys):
+    path = write_sweep(
+        tmp_path / "failing.yaml",
+        fixed_settings(tiny_teacher_dir, text_corpus, tmp_path / "cache", student_config={}),
+        # The tiny teacher has 4 layers: students initialised from it cannot have 5 or 6 (known only at run time).
+        {"student_config.num_hidden_layers": {"low": 5, "high": 6}},
+        n_trials=4,
+        max_failures=2,
+        sweep_dir=str(tmp_path / "sweep"),
+    )
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "2 trials failed in a row (max_failures=2)" in err and "between 1 and 4 layers" in err
+    trials = _study(tmp_path / "sweep", "failing").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "No trial has completed yet." in summary and summary.count("between 1 and 4 layers") == 2

@@ -219,10 +219,12 @@ class SweepConfig:
         for name in ("sampler_kwargs", "pruner_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}.")
+        if self.sampler_seed is not None and (
+            not isinstance(self.sampler_seed, int) or isinstance(self.sampler_seed, bool) or self.sampler_seed < 0
+        ):
+            raise ConfigError(f"sampler_seed must be a whole number >= 0 (or unset), got {self.sampler_seed!r}.")
         self.make_sampler(0)
         self.make_pruner()
-        if self.sampler_seed is not None and (not isinstance(self.sampler_seed, int) or self.sampler_seed < 0):
-            raise ConfigError(f"sampler_seed must be a whole number >= 0 (or unset), got {self.sampler_seed!r}.")
         for name in ("heartbeat_interval", "grace_period"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

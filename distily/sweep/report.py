@@ -74,7 +74,12 @@ def write_report(sweep: SweepConfig, study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     counts = {state.lower(): sum(t.state.name == state for t in trials) for state in STATES}
     best = []
-    for trial in best_trials(sweep, study):
+    winners = best_trials(sweep, study)
+    keep = {f"trial-{trial.number:04d}.yaml" for trial in winners}
+    for stale in (directory / "best").glob("trial-*.yaml"):  # trials that were best before a better one came
+        if stale.name not in keep:
+            stale.unlink()
+    for trial in winners:
         row = _trial_row(sweep, trial)
         config_file = directory / "best" / f"trial-{trial.number:04d}.yaml"
         repro_dir = directory / "repro" / f"trial-{trial.number:04d}"

@@ -46,6 +46,10 @@ class MetricsError(ConfigError):
     """The sweep asks for a metric its runs do not report: every trial would fail, so the sweep stops."""
 
 
+class TooManyFailures(ConfigError):
+    """``max_failures`` trials failed in a row: the sweep's settings need fixing before more trials run."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Objective
 
@@ -235,9 +239,11 @@ class Worker:
             state = self.run_trial(trial)
             failures = failures + 1 if state == TrialState.FAIL else 0
             if failures >= self.sweep.max_failures:
-                raise RuntimeError(
-                    f"{failures} trials failed in a row (the last: trial {trial.number}; see its 'error' in the "
-                    f"summary and its folder). Fix the sweep, then rerun the same command to continue."
+                last_error = str(trial.user_attrs.get("error", "?"))[:300]
+                raise TooManyFailures(
+                    f"{failures} trials failed in a row (max_failures={self.sweep.max_failures}); the last, trial "
+                    f"{trial.number}: {last_error}. See summary.md. Fix the sweep, then rerun the same command to "
+                    "continue the study."
                 )
 
     def run_trial(self, trial):

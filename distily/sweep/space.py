@@ -203,16 +203,6 @@ class SearchParam:
             raise ConfigError(f"{where}: {self.path}={value!r} is outside [{self.low}, {self.high}] ({self.kind}).")
         return int(number) if self.kind == "int" else float(number)
 
-    def distribution(self):
-        """The matching ``optuna.distributions`` object (for enqueued trials and validation)."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        if self.kind == "categorical":
-            return CategoricalDistribution(list(self.encoded_choices))
-        if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
-
     def extremes(self) -> list[Any]:
         """The values probed before a sweep starts: both ends of a range, every choice."""
         return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
@@ -298,7 +288,13 @@ def _parse_when(when: Any, where: str, earlier: list[str], fixed: dict[str, Any]
                 f"{where}.when refers to {path!r}, which is neither an earlier search_space entry nor a fixed "
                 f"setting. Earlier entries: {earlier or 'none'}."
             )
-        conditions.append((path, tuple(allowed) if isinstance(allowed, list) else (allowed,)))
+        allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if path not in earlier and get_path(fixed, path)[1] not in allowed:
+            raise ConfigError(
+                f"{where}.when: {path} is fixed to {get_path(fixed, path)[1]!r}, not {list(allowed)}, so this entry "
+                "would never be sampled. Fix the condition or remove the entry."
+            )
+        conditions.append((path, allowed))
     return tuple(conditions)
 
 
@@ -316,8 +312,6 @@ def parse_search_space(space: Any, fixed: dict[str, Any]) -> list[SearchParam]:
         params.append(parse_param(path, spec, [p.path for p in params], fixed))
     paths = [p.path for p in params]
     for param in params:
-        if param.path in ("output_dir",):
-            raise ConfigError("search_space cannot sweep output_dir: each trial writes to SWEEP_DIR/trials/trial-N.")
         if get_path(fixed, param.path)[0]:
             raise ConfigError(
                 f"{param.path!r} is both fixed and in search_space. Remove it from one of them (a fixed value "

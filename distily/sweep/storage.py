@@ -77,10 +77,9 @@ def open_storage(url: str, create_dirs: Path | None = None):
         # Workers on one machine write to the same file: wait for the lock rather than fail at once.
         engine_kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith(("postgresql", "postgres:")):
-        url = _postgres_driver(url)
         engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     try:
-        return _rdb_storage(url, engine_kwargs)
+        return _rdb_storage(_postgres_driver(url), engine_kwargs)
     except ImportError as err:  # Optuna turns a missing driver into a plain ImportError
         extra = " Install it with: pip install 'distily[postgres]'." if url.startswith("postgres") else ""
         raise ConfigError(f"Storage {mask_url(url)!r} needs a database driver that is not installed.{extra}") from err
