@@ -150,7 +150,7 @@ def test_geometric_mean_objective_reports_the_arithmetic_mean_too():
     multi = SweepConfig(fixed={"teacher": "gpt2"}, search_space={"alpha": {"low": 0.5, "high": 1.0}},
                         metrics=["eval_student_ppl", "student_parameters"], multi_objective=True)  # fmt: skip
     assert multi.directions == ["minimize", "minimize"]
-    assert combine(multi, {"eval_student_ppl": 4.0, "student_parameters": 100})[0] == [4.0, 100.0]
+    assert combine(multi, {"eval_student_ppl": 4.0, "student_parameters": 100}) == ([4.0, 100.0], {})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def _successive_halving(**kwargs):
 
 
 @contextlib.contextmanager
-def _quiet_experimental():
+def quiet_experimental():
     """Optuna flags some of the arguments we pass as experimental; the warning is noise for sweep users."""
     from optuna.exceptions import ExperimentalWarning
 
@@ -277,7 +277,7 @@ class SweepConfig:
         """The sampler for one trial: seeded per trial when ``sampler_seed`` is set (see docs/sweeps.md)."""
         seed = None if self.sampler_seed is None or trial_number is None else mix_seed(self.sampler_seed, trial_number)
         try:
-            with _quiet_experimental():
+            with quiet_experimental():
                 return SAMPLERS[self.sampler](seed, **self.sampler_kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(
@@ -286,7 +286,7 @@ class SweepConfig:
 
     def make_pruner(self):
         try:
-            with _quiet_experimental():
+            with quiet_experimental():
                 return PRUNERS[self.pruner](**self.pruner_kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(

@@ -16,12 +16,13 @@ import logging
 import math
 import shlex
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..config import config_to_dict
 from ..io import atomic_path, write_json_atomic, write_text_atomic, write_yaml_atomic
-from .config import SweepConfig, _quiet_experimental, run_configs
+from .config import SweepConfig, quiet_experimental, run_configs
 from .storage import mask_url
 
 logger = logging.getLogger(__name__)
@@ -138,12 +139,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if not summary["best"]:
         lines.append("No trial has completed yet.")
     for row in summary["best"]:
+        means = (
+            f" (geometric mean {_fmt(row['geometric_mean'])}, arithmetic mean {_fmt(row['arithmetic_mean'])})"
+            if row.get("geometric_mean") is not None
+            else ""
+        )
         lines += [
             f"### Trial {row['number']}: {_fmt(row['values'])}",
             "",
             f"- settings: `{row['params']}`",
-            f"- metrics: `{row['metrics']}` (geometric mean {_fmt(row['geometric_mean'])}, arithmetic mean "
-            f"{_fmt(row['arithmetic_mean'])})",
+            f"- metrics: `{row['metrics']}`{means}",
             f"- run folder: `{row['output_dir']}`",
             f"- reproduce: `{row['command']}`",
             "",
@@ -177,10 +182,13 @@ def _plot_specs(sweep: SweepConfig) -> list[tuple[str, str, dict[str, Any]]]:
     """(file name, optuna plot function name, keyword arguments) for every plot of this sweep."""
     if sweep.multi_objective:
         first = {"target": lambda t: t.values[0], "target_name": sweep.metrics[0]}
+        # Importances with a target explain *low* target values: negate a metric that is maximised.
+        sign = -1.0 if sweep.directions[0] == "maximize" else 1.0
+        importance = {"target": lambda t: sign * t.values[0], "target_name": sweep.metrics[0]}
         return [
             ("pareto_front", "plot_pareto_front", {"target_names": sweep.metrics}),
             ("optimization_history", "plot_optimization_history", first),
-            ("param_importances", "plot_param_importances", first),
+            ("param_importances", "plot_param_importances", importance),
             ("parallel_coordinate", "plot_parallel_coordinate", first),
         ]
     combined = f"geometric mean of {', '.join(sweep.metrics)}" if len(sweep.metrics) > 1 else sweep.metrics[0]
@@ -211,7 +219,10 @@ def write_plots(sweep: SweepConfig, study, plots_dir: Path) -> dict[str, dict[st
             continue
         png, html = plots_dir / f"{name}.png", plots_dir / f"{name}.html"
         try:
-            with _quiet_experimental():
+            with quiet_experimental(), warnings.catch_warnings():
+                # PED-ANOVA's notes on few trials per regime and on target direction (handled above).
+                warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
+                warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
                 figure = getattr(plotly_plots, function)(study, **kwargs)
                 axes = getattr(mpl_plots, function)(study, **kwargs)
             write_text_atomic(html, figure.to_html(include_plotlyjs="directory", full_html=True))

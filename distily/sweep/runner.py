@@ -58,7 +58,8 @@ def combine(sweep: SweepConfig, metrics: dict[str, Any]) -> tuple[list[float], d
     """The objective value(s) of ``metrics`` and the numbers reported beside them.
 
     Single objective: the geometric mean of ``sweep.metrics`` (the metric itself when there is one); the
-    arithmetic mean is reported too. Multi-objective: one value per metric.
+    arithmetic mean is reported too. Multi-objective: one value per metric (means of metrics in different
+    units, like perplexity and parameters, would mean nothing, so none are reported).
     """
     missing = [m for m in sweep.metrics if m not in metrics]
     if missing:
@@ -67,16 +68,14 @@ def combine(sweep: SweepConfig, metrics: dict[str, Any]) -> tuple[list[float], d
     values = [float(metrics[m]) for m in sweep.metrics]
     if not all(math.isfinite(v) for v in values):
         raise TrialError(f"non-finite objective metrics {dict(zip(sweep.metrics, values, strict=True))}")
-    reported = {"arithmetic_mean": sum(values) / len(values)}
-    if all(v > 0 for v in values):
-        reported["geometric_mean"] = math.exp(sum(math.log(v) for v in values) / len(values))
     if sweep.multi_objective:
-        return values, reported
-    if "geometric_mean" not in reported:
+        return values, {}
+    if not all(v > 0 for v in values):
         raise TrialError(
             f"the geometric mean needs positive metrics, got {dict(zip(sweep.metrics, values, strict=True))}"
         )
-    return [reported["geometric_mean"]], reported
+    geometric = math.exp(sum(math.log(v) for v in values) / len(values))
+    return [geometric], {"geometric_mean": geometric, "arithmetic_mean": sum(values) / len(values)}
 
 
 class PruningCallback(TrainerCallback):
