@@ -220,7 +220,9 @@ def write_plots(sweep: SweepConfig, study, plots_dir: Path) -> dict[str, dict[st
         png, html = plots_dir / f"{name}.png", plots_dir / f"{name}.html"
         try:
             with quiet_experimental(), warnings.catch_warnings():
-                # PED-ANOVA's notes on few trials per regime and on target direction (handled above).
+                # PED-ANOVA's notes on few trials per regime and on target direction (handled above), and
+                # matplotlib's on an axis whose parameter took one value so far.
+                warnings.filterwarnings("ignore", "Attempting to set identical low and high", UserWarning)
                 warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
                 warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
                 figure = getattr(plotly_plots, function)(study, **kwargs)
