@@ -21,6 +21,7 @@ logger = logging.getLogger("distily")
 # Subcommand name -> "module:function" taking argv (imported lazily, so `distily --help` stays fast).
 COMMANDS: dict[str, str] = {
     "train": "distily.cli:train_command",
+    "sweep": "distily.cli:sweep_command",
 }
 
 
@@ -45,6 +46,23 @@ def train_command(argv: list[str]) -> int:
 
     teacher_args, student_args, peft_args, data_args, config = parse_with_yaml(argv)
     train(teacher_args, student_args, data_args, config, command=main_command(), peft_args=peft_args)
+    return 0
+
+
+def sweep_command(argv: list[str]) -> int:
+    """``distily sweep FILE [--n_trials N] [--storage URL] [--study_name NAME] [--run_flag VALUE ...]``."""
+    from .run import main_command
+    from .sweep import load_sweep, run_sweep
+    from .sweep.config import parse_sweep_argv
+
+    path, overrides, fixed = parse_sweep_argv(argv)
+    sweep = load_sweep(path, fixed_overrides=fixed, **overrides)
+    result = run_sweep(sweep, command=main_command())
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    print(f"\nStudy {result.study_name} ({result.storage}): {counts or 'no trials'}.", flush=True)
+    for best in result.best:
+        print(f"Best trial {best['number']}: {best['values']} {best['params']}\n  reproduce: {best['command']}")
+    print(f"Summary and plots: {result.directory / 'summary.md'}", flush=True)
     return 0
 
 

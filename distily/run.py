@@ -174,6 +174,9 @@ def train(
     config: DistillationConfig,
     command: list[str] | None = None,
     peft_args: PeftArguments | None = None,
+    *,
+    callbacks: list | None = None,
+    loaded_teacher: tuple | None = None,
 ) -> RunResult:
     """Distil ``teacher_args.teacher`` into a student built from it (or the pretrained ``student_args.student``,
     with LoRA/DoRA adapters when ``peft_args`` enables them), on ``data_args.dataset``.
@@ -182,7 +185,13 @@ def train(
     tokenizer), metrics, trainer state, TensorBoard logs and the resolved config in ``config.output_dir``.
     Works the same in each process of a multi-process launch (torchrun, accelerate launch); only the main
     process writes the run's own files.
+
+    ``callbacks`` are extra ``TrainerCallback``s (a sweep's pruning callback). ``loaded_teacher`` is a
+    ``(model, tokenizer)`` pair already loaded from ``teacher_args`` (the teacher is frozen and never modified,
+    so a sweep worker loads it once and reuses it for every trial).
     """
+    from transformers import set_seed
+
     from .data import prepare_datasets
     from .distributed import FirstEvaluation, evaluates_inside_training, weights_are_sharded
     from .lora import apply_lora, save_student
@@ -199,19 +208,24 @@ def train(
         raise ConfigError("--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct.")
 
     started = time.time()
-    bits = teacher_args.teacher_quantization_bits
-    teacher_device = config.teacher_device or config.device
-    dtype = teacher_args.teacher_dtype
-    if dtype == "auto":  # bfloat16 where the teacher's device supports it
-        dtype = str(resolve_dtype(dtype, teacher_device)).removeprefix("torch.")
-    teacher, tokenizer = load_teacher(
-        teacher_args.teacher,
-        dtype=dtype,
-        device=teacher_device if bits else None,
-        revision=teacher_args.teacher_revision,
-        trust_remote_code=teacher_args.trust_remote_code,
-        quantization_bits=bits,
-    )
+    if loaded_teacher is not None:
+        teacher, tokenizer = loaded_teacher
+    else:
+        bits = teacher_args.teacher_quantization_bits
+        teacher_device = config.teacher_device or config.device
+        dtype = teacher_args.teacher_dtype
+        if dtype == "auto":  # bfloat16 where the teacher's device supports it
+            dtype = str(resolve_dtype(dtype, teacher_device)).removeprefix("torch.")
+        teacher, tokenizer = load_teacher(
+            teacher_args.teacher,
+            dtype=dtype,
+            device=teacher_device if bits else None,
+            revision=teacher_args.teacher_revision,
+            trust_remote_code=teacher_args.trust_remote_code,
+            quantization_bits=bits,
+        )
+    # Seeded before the student is built, so a randomly initialised student is the same in every run.
+    set_seed(config.seed)
     # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
     if student_args.student:
         student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
@@ -237,6 +251,7 @@ def train(
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
 
     if peft_args.enabled and weights_are_sharded(trainer.accelerator) and not student_args.student:
