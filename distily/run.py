@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DataArguments, DistillationConfig, StudentArguments, TeacherArguments, config_to_dict
-from .io import provenance, write_json_atomic, write_yaml_atomic
+from .config import (
+    ConfigError,
+    DataArguments,
+    DistillationConfig,
+    ExportArguments,
+    StudentArguments,
+    TeacherArguments,
+    config_to_dict,
+)
+from .io import hardware, provenance, write_json_atomic, write_yaml_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ class RunResult:
     metrics_after: dict[str, float] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
     trainer: Any = None
+    export: Any = None  # distily.export.ExportResult when --export was given
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,17 +174,20 @@ def train(
     data_args: DataArguments,
     config: DistillationConfig,
     command: list[str] | None = None,
+    export_args: ExportArguments | None = None,
 ) -> RunResult:
     """Distil ``teacher_args.teacher`` into a student built from it, on ``data_args.dataset``.
 
     Evaluates teacher and student on the eval split before and after training, saves the student (with its
     tokenizer), metrics, trainer state, TensorBoard logs and the resolved config in ``config.output_dir``.
+    With ``export_args.export`` set, the finished run is then exported (see :func:`export_run`).
     """
     from .data import prepare_datasets
     from .students import build_student, count_parameters
     from .teacher.loading import load_teacher
     from .trainer import DistillationTrainer, check_compatible
 
+    export_args = export_args if export_args is not None else ExportArguments()
     output_dir = Path(config.output_dir)
     resume = resolve_resume(output_dir, config.resume_from_checkpoint)
     check_output_dir(config, resuming=resume is not None)
@@ -196,6 +208,10 @@ def train(
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
         )
+    if export_args.formats:
+        from .export import check_exportable
+
+        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_args.teacher)
     data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed)
     logger.info(
         "Data: %d train blocks (%d documents), %d eval blocks (%d documents) of %d tokens.",
@@ -216,6 +232,7 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         **provenance(),
+        "hardware": hardware(),
         "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": shlex.join(command) if command else None,
@@ -226,7 +243,9 @@ def train(
         "eval_blocks": len(data.eval),
     }
     write_json_atomic(output_dir / RUN_MANIFEST, manifest)
-    write_yaml_atomic(output_dir / RUN_CONFIG, config_to_dict(teacher_args, student_args, data_args, config))
+    write_yaml_atomic(
+        output_dir / RUN_CONFIG, config_to_dict(teacher_args, student_args, data_args, config, export_args)
+    )
 
     result = RunResult(output_dir=output_dir, trainer=trainer)
     if resume is None:
@@ -255,6 +274,36 @@ def train(
     write_json_atomic(output_dir / RUN_MANIFEST, manifest)
     print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
     print(f"Student saved to {output_dir}", flush=True)
+    if export_args.formats:
+        result.export = export_run(output_dir, export_args, config)
+    return result
+
+
+def export_run(output_dir: Path, export_args: ExportArguments, config: DistillationConfig):
+    """Export a finished run as ``--export`` asks (after the final evaluation; the card reuses its metrics).
+
+    The default export folder (OUTPUT_DIR/export) belongs to the run and is replaced with it; a folder
+    elsewhere is replaced only with --overwrite_output_dir. The Hub upload is opt-in (--export_push_to_hub)
+    and uses --hub_model_id, --hub_private_repo (private unless set to false) and --hub_token.
+    """
+    from .export import export
+
+    destination = Path(export_args.export_dir) if export_args.export_dir else output_dir / "export"
+    inside_run = destination.resolve().is_relative_to(output_dir.resolve())
+    result = export(
+        output_dir,
+        export_args.formats,
+        export_args.export_outtype,
+        destination,
+        overwrite=inside_run or config.overwrite_output_dir,
+        license=export_args.export_license,
+        push_to_hub=export_args.export_push_to_hub,
+        hub_model_id=config.hub_model_id,
+        hub_private=config.hub_private_repo is not False,
+        hub_token=config.hub_token,
+    )
+    for fmt, files in result.files.items():
+        print(f"Exported {fmt} ({result.outtypes[fmt]}): {', '.join(str(p) for p in files)}", flush=True)
     return result
 
 

@@ -66,7 +66,7 @@ def test_train_end_to_end_writes_a_complete_run(tiny_teacher_dir, text_corpus, t
 def test_yaml_values_are_overridden_by_flags(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump({"teacher": "gpt2", "temperature": 2.0, "loss": "reverse_kl", "seq_len": 64}))
-    teacher, _, _, config = parse_with_yaml(["--config", str(config_file), "--temperature", "3.0"])
+    teacher, _, _, config, _ = parse_with_yaml(["--config", str(config_file), "--temperature", "3.0"])
     assert teacher.teacher == "gpt2"
     assert config.temperature == 3.0 and config.loss == "reverse_kl" and config.seq_len == 64
 
