@@ -451,3 +451,23 @@ def test_push_to_hub_commits_the_export_folder_privately(exported_run):
     readme = next(op for op in operations if op.path_in_repo == "README.md")
     with open(readme.path_or_fileobj) as handle:
         assert handle.read().startswith("---\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--export", "onnx"], r"--export \['onnx'\] is not a known format"),
+        (["--export", "safetensors", "--export_outtype", "q8_0"], "'q8_0' is not available for safetensors"),
+        (["--export", "gguf"], "GGUF export supports byte-level BPE tokenizers"),  # the char-level test tokenizer
+        (["--export_push_to_hub", "true"], "--export_push_to_hub needs something to push"),
+    ],
+)
+def test_training_export_problems_fail_before_training(extra, message, tiny_teacher_dir, text_corpus, tmp_path, capsys):
+    import re
+
+    from .test_cli import base_args
+
+    out = tmp_path / "run"
+    assert main([*base_args(tiny_teacher_dir, text_corpus, out), *extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
