@@ -121,6 +121,12 @@ def test_safetensors_export_loads_and_matches_exactly(student_dir, tmp_path, tok
     assert AutoTokenizer.from_pretrained(out)(TEXT, add_special_tokens=False)["input_ids"][:96] == ids
     expected = torch_logits(AutoModelForCausalLM.from_pretrained(student_dir), ids)
     np.testing.assert_array_equal(torch_logits(AutoModelForCausalLM.from_pretrained(out), ids), expected)
+    # A plain model folder (no run record) still gets a card, and it says what it does not know.
+    card = (out / "README.md").read_text()
+    meta = parse_front_matter(card)
+    assert meta["library_name"] == "transformers" and meta["license"] == "openrail" and "model-index" not in meta
+    layers = AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers
+    assert f"| layers | n/a | {layers} |" in card and "no distily run record" in card
 
 
 def test_safetensors_f16_export_is_half_precision_and_close(student_dir, tmp_path, tokenizer):

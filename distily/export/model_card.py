@@ -299,13 +299,21 @@ def card_context(
 
     command = manifest.get("command")
     command_note = None
-    if not command:
+    if not manifest and not config:
+        command_note = (
+            "This model folder holds no distily run record (distily_run.json), so how it was trained is unknown."
+        )
+    elif not command:
         command = "distily --config distily_config.yaml"
         command_note = (
             "The run was started from Python, so no command line was recorded; this command reruns it from the "
             "resolved config saved with the run (included in this folder)."
         )
-    sizes = {fmt: sum(p.stat().st_size for p in files if p.is_file()) for fmt, files in exported_files.items()}
+    # Size on disk of the weights (tokenizer and config files are the same for both models).
+    sizes = {
+        fmt: sum(p.stat().st_size for p in files if p.is_file() and p.suffix in (".safetensors", ".gguf"))
+        for fmt, files in exported_files.items()
+    }
     teacher_shape, student_shape = shape_of(teacher["config"]), shape_of(student_config)
     differences = [
         {"field": name, "teacher": teacher_shape.get(name), "student": student_shape.get(name)}
