@@ -1,6 +1,8 @@
 """How faithfully does llama.cpp run a distily GGUF export? Sizes, logit differences and perplexity per outtype.
 
     python benchmarks/gguf_fidelity.py runs/demo --blocks 8
+    python benchmarks/gguf_fidelity.py --teacher smollm2-135m-instruct --blocks 8   # a full-size model
+
 
 For each outtype the student of RUN_DIR is written to GGUF, loaded in llama.cpp (llama-cpp-python, float32 KV
 cache) and run on the first ``--blocks`` eval blocks of the run's own eval split; the same blocks go through
@@ -35,13 +37,20 @@ def main() -> None:
     from distily.export.gguf import write_gguf
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a finished distily run (its student and eval split)")
+    parser.add_argument("--teacher", help="benchmark this teacher instead (python-stdlib eval split, seq_len 256)")
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--outtypes", default="f32,f16,bf16,q8_0")
     args = parser.parse_args()
 
-    run = yaml.safe_load((args.run_dir / "distily_config.yaml").read_text())
-    model, tokenizer = load_student(args.run_dir)
+    if args.teacher:
+        from distily.teacher.loading import load_teacher
+
+        run = {"dataset": "python-stdlib", "seq_len": 256, "max_eval_blocks": 32, "teacher": args.teacher}
+        model, tokenizer = load_teacher(args.teacher)
+    else:
+        run = yaml.safe_load((args.run_dir / "distily_config.yaml").read_text())
+        model, tokenizer = load_student(args.run_dir)
     data = prepare_datasets(
         DataArguments(
             dataset=run["dataset"],
@@ -59,7 +68,8 @@ def main() -> None:
     torch_seconds = time.perf_counter() - started
     torch_nll = sum(nll_sum(logits, ids) for logits, ids in zip(reference, blocks, strict=True))
     torch_ppl = math.exp(torch_nll / tokens)
-    print(f"{args.run_dir}: {len(blocks)} eval blocks × {len(blocks[0])} tokens ({tokens} predicted tokens)")
+    source = args.run_dir or args.teacher
+    print(f"{source}: {len(blocks)} eval blocks × {len(blocks[0])} tokens ({tokens} predicted tokens)")
     print(f"PyTorch float32: perplexity {torch_ppl:.4f} ({torch_seconds:.1f} s)")
     header = f"{'outtype':<8}{'size MB':>10}{'vs f32':>8}{'max|Δlogit|':>13}{'top-1 agree':>13}"
     print(f"{header}{'ppl':>10}{'Δppl':>9}{'s':>7}")
