@@ -128,7 +128,7 @@ def teacher_facts(teacher: str | None, parameters: int | None) -> dict[str, Any]
     if local and gguf_file:
         path = Path(folder) / gguf_file
         facts["size_bytes"] = path.stat().st_size
-        facts["size_note"] = f"GGUF file ({path.name})"
+        facts["size_note"] = f"GGUF file {path.name}"
         try:
             import gguf
 
@@ -344,7 +344,14 @@ def card_context(
         "differences": differences,
         "init": init,
         "config": config,
-        "hyperparameters": {name: config[name] for name in HYPERPARAMETERS if config.get(name) not in (None, "")},
+        "hyperparameters": {
+            name: config[name]
+            for name in HYPERPARAMETERS
+            if config.get(name) not in (None, "")
+            # max_steps > 0 overrides the epoch count, which would only mislead.
+            and not (name == "num_train_epochs" and (config.get("max_steps") or -1) > 0)
+            and not (name == "max_steps" and (config.get("max_steps") or -1) <= 0)
+        },
         "tokens_per_step": tokens_per_step,
         "manifest": manifest,
         "teacher_ppl": before.get("eval_teacher_ppl", after.get("eval_teacher_ppl")),
