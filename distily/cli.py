@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .config import RUN_ARGUMENT_CLASSES, ConfigError, check_known_keys, load_yaml_file, run_parser
+from .config import RUN_ARGUMENT_CLASSES, ConfigError, check_known_keys, load_yaml_file, run_parser, train_kwargs
 from .teacher.loading import TeacherLoadError
 
 logger = logging.getLogger("distily")
@@ -21,6 +21,8 @@ logger = logging.getLogger("distily")
 # Subcommand name -> "module:function" taking argv (imported lazily, so `distily --help` stays fast).
 COMMANDS: dict[str, str] = {
     "train": "distily.cli:train_command",
+    "export": "distily.cli:export_command",
+    "eval": "distily.cli:eval_command",
     "sweep": "distily.cli:sweep_command",
 }
 
@@ -44,8 +46,7 @@ def parse_with_yaml(argv: list[str], classes=RUN_ARGUMENT_CLASSES, prog: str = "
 def train_command(argv: list[str]) -> int:
     from .run import main_command, train
 
-    teacher_args, student_args, peft_args, data_args, config = parse_with_yaml(argv)
-    train(teacher_args, student_args, data_args, config, command=main_command(), peft_args=peft_args)
+    train(**train_kwargs(parse_with_yaml(argv)), command=main_command())
     return 0
 
 
@@ -63,6 +64,60 @@ def sweep_command(argv: list[str]) -> int:
     for best in result.best:
         print(f"Best trial {best['number']}: {best['values']} {best['params']}\n  reproduce: {best['command']}")
     print(f"Summary and plots: {result.directory / 'summary.md'}", flush=True)
+
+
+def _positional(argv: list[str], what: str, usage: str) -> tuple[str, list[str]]:
+    """The first argument that is not a flag (``RUN_DIR``), and the rest."""
+    if argv[:1] in (["-h"], ["--help"]) or not argv or argv[0].startswith("-"):
+        if argv[:1] in (["-h"], ["--help"]):
+            return "", argv
+        raise ConfigError(f"{what} is missing. Usage: {usage}")
+    return argv[0], argv[1:]
+
+
+def export_command(argv: list[str]) -> int:
+    """``distily export RUN_DIR --format safetensors,gguf --outtype q8_0 --output PATH``."""
+    from .config import ExportConfig
+    from .export import export
+
+    usage = "distily export RUN_DIR --format safetensors|gguf --outtype f32|f16|bf16|q8_0 --output PATH"
+    source, rest = _positional(argv, "RUN_DIR (the run folder to export)", usage)
+    (config,) = parse_with_yaml(rest, classes=(ExportConfig,), prog="distily export RUN_DIR")
+    result = export(
+        source,
+        config.formats,
+        config.outtype,
+        config.output,
+        overwrite=config.overwrite,
+        name=config.name,
+        license=config.license,
+        gguf_tokenizer_pre=config.gguf_tokenizer_pre,
+        model_card=config.model_card,
+        push_to_hub=config.push_to_hub,
+        hub_model_id=config.hub_model_id,
+        hub_private=config.hub_private,
+        hub_token=config.hub_token,
+    )
+    for fmt, files in result.files.items():
+        print(f"{fmt} ({result.outtypes[fmt]}): {', '.join(str(path) for path in files)}", flush=True)
+    if result.card:
+        print(f"model card: {result.card}", flush=True)
+    if result.hub_url:
+        print(f"pushed to the Hub: {result.hub_url}", flush=True)
+    return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    """``distily eval MODEL --tasks perplexity,hellaswag``: perplexity on local corpora, lm-eval tasks."""
+    from .evaluate import EvalConfig, evaluate_model
+
+    usage = "distily eval MODEL_OR_RUN_DIR --tasks perplexity[,lm-eval tasks] [--dataset ...]"
+    model, rest = _positional(argv, "MODEL (a run folder or model folder)", usage)
+    (config,) = parse_with_yaml(rest, classes=(EvalConfig,), prog="distily eval MODEL")
+    results = evaluate_model(model, config)
+    for who, values in results.items():
+        if who in ("student", "teacher"):
+            print(f"{who}: {values}", flush=True)
     return 0
 
 

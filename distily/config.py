@@ -379,12 +379,217 @@ class DistillationConfig(TrainingArguments):
         }
 
 
+EXPORT_FORMATS = ("safetensors", "gguf")
+# Per-format outtypes; the GGUF list is extended by registering entries in distily.export.gguf.GGUF_OUTTYPES.
+SAFETENSORS_OUTTYPES = ("f32", "f16", "bf16")
+
+
+def parse_formats(value: str | list[str] | None, flag: str) -> list[str]:
+    """``"safetensors,gguf"`` (or a list) as a checked list of export formats."""
+    if value is None or value == "" or value == []:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    formats = [item.strip() for item in items if item.strip()]
+    unknown = [item for item in formats if item not in EXPORT_FORMATS]
+    if unknown:
+        raise ConfigError(f"--{flag} {unknown} is not a known format; choose from {', '.join(EXPORT_FORMATS)}.")
+    return list(dict.fromkeys(formats))
+
+
+def check_outtype(outtype: str | None, formats: list[str], flag: str) -> None:
+    """An outtype every requested format can store (q8_0 is GGUF-only)."""
+    if outtype is None:
+        return
+    from .export.gguf import GGUF_OUTTYPES
+
+    for fmt in formats:
+        valid = SAFETENSORS_OUTTYPES if fmt == "safetensors" else tuple(GGUF_OUTTYPES)
+        if outtype not in valid:
+            raise ConfigError(
+                f"--{flag} {outtype!r} is not available for {fmt} (choose {', '.join(valid)}). Block-quantised types "
+                "such as q8_0 exist only in GGUF: export the formats separately."
+            )
+
+
+@dataclass
+class ExportArguments:
+    """Export at the end of training (``distily train --export safetensors,gguf``)."""
+
+    export: str | None = field(
+        default=None,
+        metadata={"help": "Formats to export after training, comma-separated: safetensors, gguf. Default: none."},
+    )
+    export_outtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weight type of the export: f32, f16, bf16 or (GGUF only) q8_0. Default: f32 for "
+            "safetensors, f16 for GGUF."
+        },
+    )
+    export_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the export (weights, tokenizer, model card). Default: OUTPUT_DIR/export."},
+    )
+    export_push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "Upload the export folder to the Hub as --hub_model_id (private unless --hub_private_repo "
+            "false). Off by default: nothing leaves the machine unless asked. Trainer's own --push_to_hub "
+            "(checkpoints) is a separate switch."
+        },
+    )
+    export_license: str = field(
+        default="openrail", metadata={"help": "License in the model card's metadata (a Hub license id)."}
+    )
+
+    def __post_init__(self):
+        formats = parse_formats(self.export, "export")
+        check_outtype(self.export_outtype, formats, "export_outtype")
+        if self.export_push_to_hub and not formats:
+            raise ConfigError("--export_push_to_hub needs something to push: add --export safetensors (and/or gguf).")
+
+    @property
+    def formats(self) -> list[str]:
+        return parse_formats(self.export, "export")
+
+
+@dataclass
+class ExportConfig:
+    """``distily export RUN_DIR``: formats, weight type, destination and the opt-in Hub upload."""
+
+    format: str = field(
+        default="safetensors", metadata={"help": "Comma-separated formats: safetensors, gguf (e.g. safetensors,gguf)."}
+    )
+    outtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weight type: f32, f16, bf16 or (GGUF only) q8_0. Default: f32 for safetensors, f16 for GGUF."
+        },
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "Export folder (default RUN_DIR/export), or a .gguf file path for a lone GGUF file."},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing export at --output."})
+    name: str | None = field(
+        default=None, metadata={"help": "Model name (card title, GGUF name). Default: folder name."}
+    )
+    license: str = field(default="openrail", metadata={"help": "License in the model card's metadata."})
+    gguf_tokenizer_pre: str | None = field(
+        default=None,
+        metadata={"help": "llama.cpp pre-tokenizer name to write (gpt-2, llama-bpe, smollm, ...). Default: detected."},
+    )
+    model_card: bool = field(default=True, metadata={"help": "Write README.md (model card) and loss_curve.png."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload the export folder to the Hub (opt-in; nothing leaves the machine otherwise)."},
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub: user/name."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub repository as private (default)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+    def __post_init__(self):
+        formats = parse_formats(self.format, "format")
+        if not formats:
+            raise ConfigError("--format is empty; choose safetensors, gguf or safetensors,gguf.")
+        check_outtype(self.outtype, formats, "outtype")
+        if self.output and str(self.output).endswith(".gguf") and formats != ["gguf"]:
+            raise ConfigError(f"--output {self.output!r} is a .gguf file: use --format gguf, or give a folder.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("--push_to_hub needs --hub_model_id user/name.")
+        if self.push_to_hub and self.output and str(self.output).endswith(".gguf"):
+            raise ConfigError("--push_to_hub uploads an export folder: give --output a folder, not a .gguf file.")
+
+    @property
+    def formats(self) -> list[str]:
+        return parse_formats(self.format, "format")
+
+
+LM_EVAL_BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass
+class EvalConfig:
+    """``distily eval MODEL``: perplexity on a local corpus and (with ``distily[eval]``) harness tasks.
+
+    Unset data fields default to the values of the run in MODEL (its ``distily_config.yaml``), so a run is
+    evaluated on exactly the split it was trained against.
+    """
+
+    tasks: str = field(
+        default="perplexity",
+        metadata={
+            "help": "Comma-separated: 'perplexity' (on --dataset's eval split) and lm-evaluation-harness "
+            "task names (need pip install 'distily[eval]'), e.g. perplexity,hellaswag,arc_easy."
+        },
+    )
+    dataset: str | None = field(default=None, metadata={"help": "Corpus for perplexity (default: the run's)."})
+    dataset_text_field: str | None = field(default=None, metadata={"help": "Text column (default: the run's)."})
+    seq_len: int | None = field(default=None, metadata={"help": "Tokens per block (default: the run's, else 512)."})
+    max_eval_blocks: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many blocks (default: the run's, else 64)."}
+    )
+    dataset_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+    include_teacher: bool = field(
+        default=True, metadata={"help": "Also evaluate the run's teacher, for the model card's comparison."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
+    lm_eval_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "lm-eval model backend: auto (vllm on a CUDA machine with vllm installed, else hf), hf, vllm.",
+            "choices": list(LM_EVAL_BACKENDS),
+        },
+    )
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many examples per task."})
+    num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples for harness tasks."})
+    output: str | None = field(default=None, metadata={"help": "Results file (default: MODEL/distily_eval.json)."})
+
+    def __post_init__(self):
+        if not self.task_list:
+            raise ConfigError("--tasks is empty; pass perplexity and/or lm-eval task names.")
+        if self.lm_eval_backend not in LM_EVAL_BACKENDS:
+            raise ConfigError(
+                f"--lm_eval_backend {self.lm_eval_backend!r} is not one of {', '.join(LM_EVAL_BACKENDS)}."
+            )
+        for name in ("seq_len", "max_eval_blocks", "batch_size", "lm_eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}.")
+
+    @property
+    def task_list(self) -> list[str]:
+        return [task.strip() for task in str(self.tasks).split(",") if task.strip()]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One flat namespace for flags and YAML files
 
-RUN_ARGUMENT_CLASSES = (TeacherArguments, StudentArguments, PeftArguments, DataArguments, DistillationConfig)
+RUN_ARGUMENT_CLASSES = (
+    TeacherArguments,
+    StudentArguments,
+    PeftArguments,
+    DataArguments,
+    DistillationConfig,
+    ExportArguments,
+)
+# The keyword under which distily.run.train() takes each of them.
+TRAIN_ARGUMENT_NAMES = {
+    TeacherArguments: "teacher_args",
+    StudentArguments: "student_args",
+    PeftArguments: "peft_args",
+    DataArguments: "data_args",
+    DistillationConfig: "config",
+    ExportArguments: "export_args",
+}
 # Never written to a saved config: secrets stay out of files that get shared.
 SECRET_FIELDS = ("hub_token",)
+
+
+def train_kwargs(configs) -> dict[str, Any]:
+    """Parsed run dataclasses (any order) as keyword arguments of :func:`distily.run.train`."""
+    return {TRAIN_ARGUMENT_NAMES[type(config)]: config for config in configs}
 
 
 def config_to_dict(*configs) -> dict[str, Any]:

@@ -88,3 +88,23 @@ def provenance() -> dict[str, Any]:
         "transformers_version": transformers.__version__,
         "datasets_version": datasets.__version__,
     }
+
+
+def hardware() -> dict[str, Any]:
+    """The machine a job ran on: CPU model and core count, accelerator names (for manifests and model cards)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+    return info

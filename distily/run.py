@@ -21,12 +21,13 @@ from .config import (
     ConfigError,
     DataArguments,
     DistillationConfig,
+    ExportArguments,
     PeftArguments,
     StudentArguments,
     TeacherArguments,
     config_to_dict,
 )
-from .io import provenance, write_json_atomic, write_yaml_atomic
+from .io import hardware, provenance, write_json_atomic, write_yaml_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class RunResult:
     metrics_after: dict[str, float] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
     trainer: Any = None
+    export: Any = None  # distily.export.ExportResult when --export was given
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,6 +179,7 @@ def train(
     *,
     callbacks: list | None = None,
     loaded_teacher: tuple | None = None,
+    export_args: ExportArguments | None = None,
 ) -> RunResult:
     """Distil ``teacher_args.teacher`` into a student built from it (or the pretrained ``student_args.student``,
     with LoRA/DoRA adapters when ``peft_args`` enables them), on ``data_args.dataset``.
@@ -188,7 +191,8 @@ def train(
 
     ``callbacks`` are extra ``TrainerCallback``s (a sweep's pruning callback). ``loaded_teacher`` is a
     ``(model, tokenizer)`` pair already loaded from ``teacher_args`` (the teacher is frozen and never modified,
-    so a sweep worker loads it once and reuses it for every trial).
+    so a sweep worker loads it once and reuses it for every trial). With ``export_args.export`` set, the
+    finished run is then exported (see :func:`export_run`).
     """
     from transformers import set_seed
 
@@ -196,10 +200,10 @@ def train(
     from .distributed import FirstEvaluation, evaluates_inside_training, weights_are_sharded
     from .lora import apply_lora, save_student
     from .students import build_student, count_parameters, load_student
-    from .teacher.loading import load_teacher, resolve_dtype
     from .trainer import DistillationTrainer, check_compatible
 
     peft_args = peft_args if peft_args is not None else PeftArguments()
+    export_args = export_args if export_args is not None else ExportArguments()
 
     output_dir = Path(config.output_dir)
     resume = resolve_resume(output_dir, config.resume_from_checkpoint)
@@ -211,19 +215,7 @@ def train(
     if loaded_teacher is not None:
         teacher, tokenizer = loaded_teacher
     else:
-        bits = teacher_args.teacher_quantization_bits
-        teacher_device = config.teacher_device or config.device
-        dtype = teacher_args.teacher_dtype
-        if dtype == "auto":  # bfloat16 where the teacher's device supports it
-            dtype = str(resolve_dtype(dtype, teacher_device)).removeprefix("torch.")
-        teacher, tokenizer = load_teacher(
-            teacher_args.teacher,
-            dtype=dtype,
-            device=teacher_device if bits else None,
-            revision=teacher_args.teacher_revision,
-            trust_remote_code=teacher_args.trust_remote_code,
-            quantization_bits=bits,
-        )
+        teacher, tokenizer = load_run_teacher(teacher_args, config)
     # Seeded before the student is built, so a randomly initialised student is the same in every run.
     set_seed(config.seed)
     # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
@@ -236,6 +228,10 @@ def train(
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
         )
+    if export_args.formats:
+        from .export import check_exportable
+
+        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_args.teacher)
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
     with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache
@@ -269,6 +265,7 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         **provenance(),
+        "hardware": hardware(),
         "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": shlex.join(command) if command else None,
@@ -284,7 +281,8 @@ def train(
     if is_main:
         write_json_atomic(output_dir / RUN_MANIFEST, manifest)
         write_yaml_atomic(
-            output_dir / RUN_CONFIG, config_to_dict(teacher_args, student_args, peft_args, data_args, config)
+            output_dir / RUN_CONFIG,
+            config_to_dict(teacher_args, student_args, peft_args, data_args, config, export_args),
         )
     trainer.accelerator.wait_for_everyone()
 
@@ -325,7 +323,57 @@ def train(
         write_json_atomic(output_dir / RUN_MANIFEST, manifest)
         print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
         print(f"Student saved to {output_dir}", flush=True)
+        if export_args.formats:
+            result.export = export_run(output_dir, export_args, config)
     return result
+
+
+def export_run(output_dir: Path, export_args: ExportArguments, config: DistillationConfig):
+    """Export a finished run as ``--export`` asks (after the final evaluation; the card reuses its metrics).
+
+    The default export folder (OUTPUT_DIR/export) belongs to the run and is replaced with it; a folder
+    elsewhere is replaced only with --overwrite_output_dir. The Hub upload is opt-in (--export_push_to_hub)
+    and uses --hub_model_id, --hub_private_repo (private unless set to false) and --hub_token.
+    """
+    from .export import export
+
+    destination = Path(export_args.export_dir) if export_args.export_dir else output_dir / "export"
+    inside_run = destination.resolve().is_relative_to(output_dir.resolve())
+    result = export(
+        output_dir,
+        export_args.formats,
+        export_args.export_outtype,
+        destination,
+        overwrite=inside_run or config.overwrite_output_dir,
+        license=export_args.export_license,
+        push_to_hub=export_args.export_push_to_hub,
+        hub_model_id=config.hub_model_id,
+        hub_private=config.hub_private_repo is not False,
+        hub_token=config.hub_token,
+    )
+    for fmt, files in result.files.items():
+        print(f"Exported {fmt} ({result.outtypes[fmt]}): {', '.join(str(p) for p in files)}", flush=True)
+    return result
+
+
+def load_run_teacher(teacher_args: TeacherArguments, config: DistillationConfig):
+    """The frozen teacher and tokenizer a run uses: dtype ``auto`` resolved for the device the teacher will live
+    on, 8/4-bit loading placed on that device."""
+    from .teacher.loading import load_teacher, resolve_dtype
+
+    bits = teacher_args.teacher_quantization_bits
+    teacher_device = config.teacher_device or config.device
+    dtype = teacher_args.teacher_dtype
+    if dtype == "auto":  # bfloat16 where the teacher's device supports it
+        dtype = str(resolve_dtype(dtype, teacher_device)).removeprefix("torch.")
+    return load_teacher(
+        teacher_args.teacher,
+        dtype=dtype,
+        device=teacher_device if bits else None,
+        revision=teacher_args.teacher_revision,
+        trust_remote_code=teacher_args.trust_remote_code,
+        quantization_bits=bits,
+    )
 
 
 def main_command() -> list[str]:

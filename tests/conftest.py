@@ -139,3 +139,56 @@ def smollm2():
 def shared_dataset_cache(tmp_path_factory):
     """One datasets cache for the session, so the standard library is tokenised once for all tests."""
     return tmp_path_factory.mktemp("datasets_cache")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Byte-level BPE: what llama.cpp runs (GGUF export tests)
+
+BYTE_VOCAB = 384
+
+
+def make_byte_bpe_tokenizer(
+    texts: list[str] | None = None, vocab_size: int = BYTE_VOCAB, split_regex: str | None = None
+):
+    """A GPT-2-style byte-level BPE tokenizer trained in-process: 3 specials, the 256 byte symbols, then merges.
+
+    Exactly ``vocab_size`` tokens, so every byte is representable (llama.cpp needs that). ``split_regex``
+    replaces GPT-2's built-in regex with a ``Split`` step (the Llama 3 / Qwen 2 layout).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or [SAMPLE_TEXT, BYTE_SAMPLE_TEXT]
+    tokenizer = Tokenizer(models.BPE())
+    if split_regex is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    assert len(fast) == vocab_size, len(fast)
+    return fast
+
+
+BYTE_SAMPLE_TEXT = (
+    "Distillation trains a small student to match a large teacher. Numbers: 3 33 333 3.14 2025.\n"
+    "Unicode: café, naïve, Grüße, 東京, emoji 🦙 — dashes and 'quotes' \"too\".\n"
+    "    indented code:\n\tif x >= 10 and y != 'z':\n\t\treturn [i ** 2 for i in range(x)]\n"
+)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_bpe_tokenizer()

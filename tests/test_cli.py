@@ -10,7 +10,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distily.cli import main, parse_with_yaml
-from distily.config import RUN_ARGUMENT_CLASSES, config_to_dict, configs_from_dict, load_yaml_file
+from distily.config import RUN_ARGUMENT_CLASSES, config_to_dict, configs_from_dict, load_yaml_file, train_kwargs
 
 
 def base_args(teacher, corpus, out, *extra):
@@ -66,7 +66,8 @@ def test_train_end_to_end_writes_a_complete_run(tiny_teacher_dir, text_corpus, t
 def test_yaml_values_are_overridden_by_flags(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump({"teacher": "gpt2", "temperature": 2.0, "loss": "reverse_kl", "seq_len": 64}))
-    teacher, *_, config = parse_with_yaml(["--config", str(config_file), "--temperature", "3.0"])
+    parsed = train_kwargs(parse_with_yaml(["--config", str(config_file), "--temperature", "3.0"]))
+    teacher, config = parsed["teacher_args"], parsed["config"]
     assert teacher.teacher == "gpt2"
     assert config.temperature == 3.0 and config.loss == "reverse_kl" and config.seq_len == 64
 

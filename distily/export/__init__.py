@@ -1,0 +1,288 @@
+"""Export a trained student where people run models: transformers (safetensors), llama.cpp (GGUF), the Hub.
+
+``export(RUN_DIR, formats=["safetensors", "gguf"])`` writes one folder -- weights, tokenizer, a model card
+(README.md with a loss-curve PNG), the run's config and a manifest -- atomically: it is built beside the
+destination and renamed into place only when complete, so an interrupted export leaves nothing that looks
+finished. An existing export is replaced only with ``overwrite=True``, and a folder that is not a distily
+export never is. Nothing is uploaded unless ``push_to_hub=True``.
+
+Modules: :mod:`.safetensors`, :mod:`.gguf` (architecture and outtype registries), :mod:`.model_card`,
+:mod:`.hub`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import atomic_path, provenance
+from .errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+EXPORT_MANIFEST = "distily_export.json"
+DEFAULT_OUTTYPES = {"safetensors": "f32", "gguf": "f16"}
+
+__all__ = [
+    "DEFAULT_OUTTYPES",
+    "EXPORT_MANIFEST",
+    "ExportError",
+    "ExportResult",
+    "check_exportable",
+    "export",
+    "load_student",
+]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote: the destination, the files of each format, the card and the Hub URL."""
+
+    output: Path
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    outtypes: dict[str, str] = field(default_factory=dict)
+    card: Path | None = None
+    gguf_tokenizer_pre: str | None = None
+    hub_url: str | None = None
+
+
+def load_student(model_dir: str | os.PathLike):
+    """The student of a run folder (or any causal-LM folder) in float32, with its tokenizer.
+
+    PEFT students: when the folder holds a LoRA adapter (``adapter_config.json``), the adapter is merged into
+    its base weights (``merge_and_unload``) so every export is a plain model. This is the one place exports
+    load a student; scale-out features that save students differently hook in here.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").is_file():
+        model = merge_adapter(model_dir)
+    elif (model_dir / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    else:
+        raise ExportError(
+            f"{str(model_dir)!r} holds no model (no config.json or adapter_config.json). Pass a finished distily "
+            "run folder or a transformers model folder."
+        )
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{str(model_dir)!r} has no loadable tokenizer ({err}); exports ship the tokenizer.") from err
+    return model, tokenizer
+
+
+def merge_adapter(model_dir: Path):
+    """Load a PEFT adapter with its base model and merge it (LoRA students export as plain weights)."""
+    import torch
+
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError as err:  # peft is a core dependency; this only guards broken installs
+        raise ExportError("Exporting a PEFT adapter needs peft: pip install peft") from err
+    model = AutoPeftModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.merge_and_unload()
+
+
+def check_exportable(model, tokenizer, formats, teacher: str | None = None, gguf_tokenizer_pre: str | None = None):
+    """Fail now, not after training, if ``model``/``tokenizer`` cannot be exported to ``formats``."""
+    if "gguf" not in formats:
+        return
+    import gguf as gguf_package
+
+    from .gguf import add_tokenizer, gguf_architecture
+
+    gguf_architecture(model.config).check()
+    # A throw-away writer: resolves the tokenizer's GGUF metadata (model type, pre-tokenizer) without a file.
+    add_tokenizer(
+        gguf_package.GGUFWriter(path=None, arch="llama"),
+        tokenizer,
+        model.config.vocab_size,
+        pre=gguf_tokenizer_pre,
+        teacher=teacher,
+    )
+
+
+def _check_destination(source: Path, output: Path, overwrite: bool) -> None:
+    """Refuse to overwrite without ``overwrite``, to replace a non-export folder, or to touch the source."""
+    source, resolved = source.resolve(), output.resolve()
+    if resolved == source or source.is_relative_to(resolved):
+        raise ExportError(f"--output {str(output)!r} would replace the model being exported. Choose another folder.")
+    if not output.exists():
+        return
+    if not overwrite:
+        raise ExportError(
+            f"{str(output)!r} already exists. Pass --overwrite to replace it, or choose another --output."
+        )
+    if output.is_dir() and any(output.iterdir()) and not (output / EXPORT_MANIFEST).is_file():
+        raise ExportError(
+            f"{str(output)!r} is a folder that distily did not export (no {EXPORT_MANIFEST}); it is never "
+            "replaced. Choose another --output."
+        )
+
+
+def _outtypes(formats: list[str], outtype: str | None) -> dict[str, str]:
+    from ..config import check_outtype
+
+    check_outtype(outtype, formats, "outtype")
+    return {fmt: outtype or DEFAULT_OUTTYPES[fmt] for fmt in formats}
+
+
+def _run_teacher(source: Path) -> str | None:
+    for name, key in (("distily_run.json", "teacher"),):
+        path = source / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text()).get(key)
+            except ValueError:
+                return None
+    return None
+
+
+def export(
+    source: str | os.PathLike,
+    formats: list[str] | tuple[str, ...] = ("safetensors",),
+    outtype: str | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    name: str | None = None,
+    license: str | None = None,
+    gguf_tokenizer_pre: str | None = None,
+    model_card: bool = True,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_private: bool = True,
+    hub_token: str | None = None,
+) -> ExportResult:
+    """Export the student in ``source`` (a run folder) to ``formats`` under ``output`` (default SOURCE/export).
+
+    ``output`` ending in ``.gguf`` writes that one GGUF file (no card). Every check happens before anything is
+    written; the export is built beside ``output`` and renamed into place when complete.
+    """
+    from ..config import parse_formats
+    from ..students import count_parameters
+    from .model_card import DEFAULT_LICENSE
+
+    source = Path(source)
+    formats = parse_formats(list(formats), "format")
+    if not formats:
+        raise ExportError("Nothing to export: pass --format safetensors, gguf or both.")
+    outtypes = _outtypes(formats, outtype)
+    output = Path(output) if output is not None else source / "export"
+    single_file = output.suffix == ".gguf"
+    if single_file and formats != ["gguf"]:
+        raise ExportError(f"--output {str(output)!r} is a .gguf file: use --format gguf, or give a folder.")
+    if push_to_hub and (single_file or not hub_model_id):
+        raise ExportError("--push_to_hub uploads an export folder and needs --hub_model_id user/name.")
+    if not source.is_dir():
+        raise ExportError(f"{str(source)!r} does not exist or is not a folder. Pass a run folder (--output_dir).")
+    manifest_path = source / "distily_run.json"
+    if manifest_path.is_file():
+        status = json.loads(manifest_path.read_text()).get("status")
+        if status != "finished":
+            raise ExportError(
+                f"The run in {str(source)!r} is not finished (status {status!r}); its weights may be from an "
+                "earlier save. Finish or resume it before exporting."
+            )
+    _check_destination(source, output, overwrite)
+    name = name or source.resolve().name
+    teacher = _run_teacher(source)
+    model, tokenizer = load_student(source)
+    check_exportable(model, tokenizer, formats, teacher, gguf_tokenizer_pre)  # fail before anything is written
+
+    result = ExportResult(output=output, outtypes=outtypes)
+    if single_file:
+        from .gguf import write_gguf
+
+        with atomic_path(output) as tmp:
+            report = write_gguf(
+                model, tokenizer, tmp, outtypes["gguf"], name=name, tokenizer_pre=gguf_tokenizer_pre, teacher=teacher
+            )
+        result.files["gguf"] = [output]
+        result.gguf_tokenizer_pre = report.tokenizer_pre
+        logger.info("Wrote %s (%s).", output, outtypes["gguf"])
+        return result
+
+    student_config = model.config.to_dict()
+    student_parameters = count_parameters(model)
+    with atomic_path(output) as tmp:
+        tmp.mkdir()
+        files: dict[str, list[Path]] = {}
+        if "gguf" in formats:
+            # Before safetensors: write_safetensors may cast the model to a lower precision in place.
+            from .gguf import write_gguf
+
+            gguf_path = tmp / f"{name}-{outtypes['gguf']}.gguf"
+            report = write_gguf(
+                model,
+                tokenizer,
+                gguf_path,
+                outtypes["gguf"],
+                name=name,
+                tokenizer_pre=gguf_tokenizer_pre,
+                teacher=teacher,
+                metadata={"license": license or DEFAULT_LICENSE},
+            )
+            files["gguf"] = [gguf_path]
+            result.gguf_tokenizer_pre = report.tokenizer_pre
+        if "safetensors" in formats:
+            from .safetensors import write_safetensors
+
+            files["safetensors"] = write_safetensors(model, tokenizer, tmp, outtypes["safetensors"])
+        for extra in ("distily_config.yaml",):
+            if (source / extra).is_file():
+                shutil.copy2(source / extra, tmp / extra)
+        card_path = None
+        if model_card:
+            card_path = _write_card(source, tmp, files, student_config, student_parameters, name, license)
+        final_files = {fmt: [output / p.relative_to(tmp) for p in paths] for fmt, paths in files.items()}
+        manifest = {
+            **provenance(),
+            "status": "complete",
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": str(source.resolve()),
+            "teacher": teacher,
+            "formats": formats,
+            "outtypes": outtypes,
+            "files": {fmt: [p.name for p in paths] for fmt, paths in files.items()},
+            "sizes_bytes": {fmt: sum(p.stat().st_size for p in paths) for fmt, paths in files.items()},
+            "gguf_tokenizer_pre": result.gguf_tokenizer_pre,
+        }
+        # Written last: a folder with this manifest is a complete export.
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    result.files = final_files
+    result.card = output / card_path.name if card_path else None
+    logger.info("Exported %s to %s (%s).", source, output, ", ".join(f"{f} {outtypes[f]}" for f in formats))
+    if push_to_hub:
+        from .hub import push_to_hub as push
+
+        result.hub_url = push(output, hub_model_id, private=hub_private, token=hub_token)
+    return result
+
+
+def _write_card(source, folder, files, student_config, student_parameters, name, license) -> Path:
+    from .model_card import DEFAULT_LICENSE, LOSS_CURVE, card_context, plot_loss_curve, render_model_card
+
+    state_path = source / "trainer_state.json"
+    log_history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
+    curve = LOSS_CURVE if plot_loss_curve(log_history, folder / LOSS_CURVE) else None
+    context = card_context(
+        source,
+        student_config=student_config,
+        student_parameters=student_parameters,
+        exported_files=files,
+        model_name=name,
+        license=license or DEFAULT_LICENSE,
+        loss_curve=curve,
+    )
+    card = folder / "README.md"
+    card.write_text(render_model_card(context), encoding="utf-8")
+    return card

@@ -1,0 +1,535 @@
+"""Write a student as a GGUF file that llama.cpp runs, with the ``gguf`` package (no llama.cpp scripts).
+
+A GGUF file holds three things, each with its own seam here:
+
+* **architecture metadata and tensors** -- one :class:`GGUFArchitecture` per transformers ``model_type`` in
+  :data:`GGUF_ARCHITECTURES` (``llama``, ``gpt2``). It writes the hyper-parameters llama.cpp reads and yields
+  every tensor under its GGUF name, in the layout llama.cpp expects (Q/K rows permuted for Llama's RoPE,
+  GPT-2's ``Conv1D`` weights transposed).
+* **tensor types** -- one :class:`OutType` per ``--outtype`` in :data:`GGUF_OUTTYPES` (``f32``, ``f16``,
+  ``bf16``, ``q8_0``). It picks the storage type of each tensor (1-D tensors always stay f32, as in llama.cpp)
+  and encodes it.
+* **the tokenizer** -- :func:`add_tokenizer` writes ``tokenizer.ggml.*``: model, pre-tokenizer, tokens, token
+  types, merges, special token ids, whether BOS/EOS are added, and the chat template.
+
+A new architecture or quantisation registers an entry; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..registry import Registry
+from .errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+GGUF_ARCHITECTURES: Registry = Registry("GGUF architecture", "distily.export.gguf.register_gguf_architecture")
+GGUF_OUTTYPES: Registry = Registry("GGUF outtype", "distily.export.gguf.register_gguf_outtype")
+
+
+def register_gguf_architecture(model_type: str, *, override: bool = False):
+    """Register a :class:`GGUFArchitecture` subclass for a transformers ``config.model_type``."""
+    return GGUF_ARCHITECTURES.register(model_type, override=override)
+
+
+def register_gguf_outtype(name: str, *, override: bool = False):
+    """Register an :class:`OutType` instance under an ``--outtype`` name."""
+    return GGUF_OUTTYPES.register(name, override=override)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor types
+
+
+@dataclass(frozen=True)
+class OutType:
+    """How weights are stored for one ``--outtype``: the GGUF file type and the type of each tensor.
+
+    ``matrix_type`` is used for 2-D weights; 1-D tensors (norms, biases) stay f32 like llama.cpp's own
+    converter does. A matrix whose rows do not split into whole quantisation blocks falls back to
+    ``fallback_type`` (f16), which llama.cpp does too.
+    """
+
+    name: str
+    file_type: int
+    matrix_type: int
+    fallback_type: int | None = None
+
+    def tensor_type(self, gguf_name: str, shape: tuple[int, ...]):
+        """The ``GGMLQuantizationType`` for one tensor (``shape`` in PyTorch order: rows, columns)."""
+        import gguf
+
+        if len(shape) < 2:
+            return gguf.GGMLQuantizationType.F32
+        qtype = gguf.GGMLQuantizationType(self.matrix_type)
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
+        if shape[-1] % block != 0:
+            fallback = gguf.GGMLQuantizationType(self.fallback_type or gguf.GGMLQuantizationType.F16)
+            logger.info(
+                "%s: %d columns are not a multiple of %d; stored as %s.", gguf_name, shape[-1], block, fallback.name
+            )
+            return fallback
+        return qtype
+
+    def encode(self, array: np.ndarray, qtype) -> np.ndarray:
+        """``array`` (float32) stored as ``qtype``: a float array, or raw bytes for block-quantised types."""
+        import gguf
+
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return np.ascontiguousarray(array, dtype=np.float32)
+        if qtype == gguf.GGMLQuantizationType.F16:
+            return np.ascontiguousarray(array, dtype=np.float16)
+        return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+
+
+def _builtin_outtypes() -> None:
+    import gguf
+
+    quant, file_type = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    for outtype in (
+        OutType("f32", file_type.ALL_F32, quant.F32),
+        OutType("f16", file_type.MOSTLY_F16, quant.F16),
+        OutType("bf16", file_type.MOSTLY_BF16, quant.BF16),
+        OutType("q8_0", file_type.MOSTLY_Q8_0, quant.Q8_0, fallback_type=quant.F16),
+    ):
+        register_gguf_outtype(outtype.name)(outtype)
+
+
+_builtin_outtypes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architectures
+
+
+class GGUFArchitecture:
+    """Maps one transformers architecture onto a llama.cpp architecture.
+
+    Subclasses set ``gguf_arch`` (a ``gguf.MODEL_ARCH``), check what llama.cpp cannot run in :meth:`check`,
+    write hyper-parameters in :meth:`add_hparams` and may transform tensors in :meth:`transform`.
+    """
+
+    gguf_arch = None
+
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def arch_name(self) -> str:
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    @property
+    def block_count(self) -> int:
+        from ..students import layer_count
+
+        return layer_count(self.config)
+
+    def check(self) -> None:
+        """Raise :class:`ExportError` for a configuration llama.cpp would run differently."""
+
+    def add_hparams(self, writer) -> None:
+        raise NotImplementedError
+
+    def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor in the layout llama.cpp expects (identity by default)."""
+        return tensor
+
+    def skip(self, hf_name: str) -> bool:
+        """Tensors llama.cpp does not store (buffers, a tied output head)."""
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return hf_name == "lm_head.weight" and tied
+
+    def tensors(self, state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(gguf_name, float32 tensor)`` for every tensor llama.cpp loads."""
+        import gguf
+
+        names = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
+        for hf_name, tensor in state_dict.items():
+            if self.skip(hf_name):
+                continue
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(
+                    f"Tensor {hf_name!r} of this {type(self.config).__name__} has no GGUF name for llama.cpp's "
+                    f"{self.arch_name!r} architecture; the student cannot be exported to GGUF as it is."
+                )
+            yield gguf_name, self.transform(hf_name, tensor.detach().to(torch.float32).cpu())
+
+
+def _reject(config, field_name: str, allowed, why: str) -> None:
+    value = getattr(config, field_name, None)
+    if value not in allowed:
+        raise ExportError(
+            f"GGUF export: {field_name}={value!r} is not supported ({why}). Export to safetensors instead."
+        )
+
+
+@register_gguf_architecture("llama")
+class LlamaArchitecture(GGUFArchitecture):
+    """Llama-family students (also SmolLM2). llama.cpp applies RoPE to interleaved pairs of a head's values
+    while transformers rotates its two halves, so the rows of ``q_proj`` and ``k_proj`` are permuted:
+    within each head, row ``i`` of the first half and row ``i`` of the second half become rows ``2i`` and
+    ``2i + 1``."""
+
+    @property
+    def gguf_arch(self):
+        import gguf
+
+        return gguf.MODEL_ARCH.LLAMA
+
+    def head_dim(self) -> int:
+        config = self.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def check(self) -> None:
+        config = self.config
+        _reject(config, "attention_bias", (False, None), "llama.cpp's llama graph is only verified without biases")
+        _reject(config, "mlp_bias", (False, None), "llama.cpp's llama graph is only verified without biases")
+        _reject(config, "hidden_act", ("silu",), "llama.cpp's llama architecture uses SiLU")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type not in ("default", "linear", None):
+            raise ExportError(
+                f"GGUF export: RoPE scaling {rope_type!r} is not supported yet (only default and linear). "
+                "Export to safetensors instead."
+            )
+        if self.head_dim() % 2:
+            raise ExportError(f"GGUF export: head_dim={self.head_dim()} must be even for RoPE.")
+
+    def rope(self) -> dict:
+        rope = getattr(self.config, "rope_parameters", None) or getattr(self.config, "rope_scaling", None) or {}
+        return rope if isinstance(rope, dict) else {}
+
+    def add_hparams(self, writer) -> None:
+        config = self.config
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(self.block_count)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(config.vocab_size)
+        head_dim = self.head_dim()
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        rope = self.rope()
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+        if theta is not None:
+            writer.add_rope_freq_base(float(theta))
+        if rope.get("rope_type", rope.get("type")) == "linear":
+            import gguf
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+
+    @staticmethod
+    def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+        """Rows of each head reordered from [first half | second half] to interleaved pairs."""
+        rows = weight.shape[0]
+        return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+    def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            return self.permute(tensor, config.num_attention_heads)
+        if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            return self.permute(tensor, config.num_key_value_heads or config.num_attention_heads)
+        return tensor
+
+    def skip(self, hf_name: str) -> bool:
+        return super().skip(hf_name) or hf_name.endswith("rotary_emb.inv_freq")
+
+
+@register_gguf_architecture("gpt2")
+class GPT2Architecture(GGUFArchitecture):
+    """GPT-2 students. transformers stores GPT-2's projections as ``Conv1D`` (``in × out``), llama.cpp wants
+    ``out × in`` like a ``Linear``, so those weights are transposed. The output head is the token embedding."""
+
+    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @property
+    def gguf_arch(self):
+        import gguf
+
+        return gguf.MODEL_ARCH.GPT2
+
+    def check(self) -> None:
+        config = self.config
+        _reject(config, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "llama.cpp uses tanh-GELU")
+        _reject(config, "scale_attn_weights", (True, None), "llama.cpp always scales attention")
+        _reject(config, "scale_attn_by_inverse_layer_idx", (False, None), "not implemented in llama.cpp")
+        _reject(config, "add_cross_attention", (False, None), "llama.cpp's gpt2 is decoder-only")
+
+    def add_hparams(self, writer) -> None:
+        config = self.config
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(self.block_count)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+        writer.add_vocab_size(config.vocab_size)
+
+    def skip(self, hf_name: str) -> bool:
+        if hf_name.endswith((".attn.bias", ".attn.masked_bias")):
+            return True  # causal-mask buffers of older transformers
+        tied = getattr(self.config, "tie_word_embeddings", True)
+        return hf_name == "lm_head.weight" and tied
+
+    def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.T.contiguous() if hf_name.endswith(self.CONV1D) else tensor
+
+
+def gguf_architecture(config) -> GGUFArchitecture:
+    """The registered :class:`GGUFArchitecture` for ``config.model_type``; unknown types name the known ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GGUF_ARCHITECTURES:
+        raise ExportError(
+            f"GGUF export does not support model_type {model_type!r} yet; supported: "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}. Export to safetensors instead, or register one with "
+            "@distily.export.gguf.register_gguf_architecture."
+        )
+    return GGUF_ARCHITECTURES[model_type](config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Split regexes of well-known byte-level BPE tokenizers (as written in their tokenizer.json) -> llama.cpp's name.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+
+
+def _flatten_pre_tokenizers(spec: dict | None) -> list[dict]:
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return [item for child in spec.get("pretokenizers", []) for item in _flatten_pre_tokenizers(child)]
+    return [spec]
+
+
+def detect_pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a byte-level BPE tokenizer, from its pre-tokenizer.
+
+    llama.cpp does not run the tokenizer.json pipeline: it has a fixed list of pre-tokenizer regexes selected
+    by name. The structure of the pipeline tells which one reproduces it:
+
+    * ``ByteLevel`` with GPT-2's built-in regex -> ``gpt-2``;
+    * ``Digits(individual_digits)`` then ``ByteLevel`` (StarCoder, SmolLM) -> ``smollm`` when the tokenizer
+      does not clean up spaces when decoding, else ``starcoder`` (llama.cpp's two names differ only there);
+    * a ``Split`` with Llama 3's or Qwen 2's regex then ``ByteLevel`` without regex -> ``llama-bpe`` / ``qwen2``.
+
+    Anything else raises :class:`ExportError` asking for ``--gguf_tokenizer_pre``.
+    """
+    steps = _flatten_pre_tokenizers(json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer"))
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "starcoder" if getattr(tokenizer, "clean_up_tokenization_spaces", False) else "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = steps[0].get("pattern", {})
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        if regex in SPLIT_PRE_TOKENIZERS:
+            return SPLIT_PRE_TOKENIZERS[regex]
+    raise ExportError(
+        f"Cannot tell which llama.cpp pre-tokenizer matches this tokenizer (pre-tokenizer steps: {kinds}). "
+        "Pass its llama.cpp name with --gguf_tokenizer_pre (e.g. gpt-2, llama-bpe, qwen2, smollm)."
+    )
+
+
+def teacher_gguf_tokenizer(teacher: str | None) -> dict | None:
+    """``tokenizer.ggml.*`` values of the teacher's own GGUF file, when the teacher is one (else None).
+
+    A teacher shipped as GGUF (the embedded SmolLM2) already names its pre-tokenizer; a student that shares
+    its vocabulary inherits that name rather than a guess.
+    """
+    if not teacher:
+        return None
+    try:
+        from ..teacher.loading import resolve_teacher_path
+
+        folder, gguf_file = resolve_teacher_path(teacher)
+    except (FileNotFoundError, OSError):
+        return None
+    if not gguf_file:
+        return None
+    import gguf
+
+    reader = gguf.GGUFReader(Path(folder) / gguf_file)
+    values = {}
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.model"):
+        field = reader.fields.get(key)
+        if field is not None:
+            values[key] = field.contents()
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    values["n_tokens"] = len(tokens.data) if tokens is not None else None
+    return values
+
+
+def _token_strings(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    import gguf
+
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(added[index].content)
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _adds_special(tokenizer) -> tuple[bool, bool]:
+    """Whether encoding a text adds BOS in front / EOS at the end (what llama.cpp should do too)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    adds_bos = bos is not None and len(ids) > len(plain) and ids[0] == bos
+    adds_eos = eos is not None and len(ids) > len(plain) and ids[-1] == eos
+    return adds_bos, adds_eos
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None = None, teacher: str | None = None) -> str:
+    """Write ``tokenizer.ggml.*`` for a byte-level BPE tokenizer; returns the pre-tokenizer name used.
+
+    ``pre`` overrides the detection; otherwise a GGUF teacher with the same vocabulary size lends its name,
+    else :func:`detect_pre_tokenizer` decides.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast tokenizer (tokenizer.json); this one is a slow tokenizer.")
+    definition = json.loads(backend.to_str())
+    model = definition.get("model", {})
+    steps = [step.get("type") for step in _flatten_pre_tokenizers(definition.get("pre_tokenizer"))]
+    byte_level = "ByteLevel" in steps or (definition.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or not byte_level:
+        raise ExportError(
+            f"GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen style); this one is "
+            f"{model.get('type')} with pre-tokenizer {steps}. Export to safetensors instead."
+        )
+    if len(tokenizer) > vocab_size:
+        raise ExportError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}.")
+    if pre is None:
+        inherited = teacher_gguf_tokenizer(teacher)
+        if inherited and inherited.get("tokenizer.ggml.pre") and inherited.get("n_tokens") == vocab_size:
+            pre = inherited["tokenizer.ggml.pre"]
+            logger.info("GGUF pre-tokenizer %r inherited from the teacher's GGUF file.", pre)
+        else:
+            pre = detect_pre_tokenizer(tokenizer)
+    tokens, types = _token_strings(tokenizer, vocab_size)
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("unk_token_id", writer.add_unk_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            add(int(value))
+    adds_bos, adds_eos = _adds_special(tokenizer)
+    writer.add_add_bos_token(adds_bos)
+    writer.add_add_eos_token(adds_eos)
+    writer.add_add_space_prefix(False)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        writer.add_chat_template(template)
+    return pre
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class GGUFReport:
+    """What :func:`write_gguf` wrote: the file, its architecture, pre-tokenizer and tensor types."""
+
+    path: Path
+    architecture: str
+    outtype: str
+    tokenizer_pre: str
+    tensor_types: dict[str, str]
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def write_gguf(
+    model,
+    tokenizer,
+    path: str | os.PathLike,
+    outtype: str = "f16",
+    *,
+    name: str | None = None,
+    tokenizer_pre: str | None = None,
+    teacher: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> GGUFReport:
+    """Write ``model`` and ``tokenizer`` to the GGUF file ``path`` (the caller makes it atomic).
+
+    ``metadata`` adds ``general.*`` string keys (``license``, ``description``, ...).
+    """
+    import gguf
+
+    outtype_entry: OutType = GGUF_OUTTYPES[outtype]
+    architecture = gguf_architecture(model.config)
+    architecture.check()
+    writer = gguf.GGUFWriter(path=None, arch=architecture.arch_name)
+    writer.add_type(gguf.GGUFType.MODEL)
+    if name:
+        writer.add_name(name)
+    for key, value in (metadata or {}).items():
+        if value:
+            writer.add_string(f"general.{key}", str(value))
+    architecture.add_hparams(writer)
+    writer.add_file_type(int(outtype_entry.file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre=tokenizer_pre, teacher=teacher)
+
+    types: dict[str, str] = {}
+    for gguf_name, tensor in architecture.tensors(model.state_dict()):
+        array = tensor.numpy()
+        qtype = outtype_entry.tensor_type(gguf_name, array.shape)
+        encoded = outtype_entry.encode(array, qtype)
+        writer.add_tensor(gguf_name, encoded, raw_dtype=qtype)  # byte shapes are converted by the writer
+        types[gguf_name] = qtype.name
+    path = Path(path)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFReport(path, architecture.arch_name, outtype, pre, types)
