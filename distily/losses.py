@@ -2,7 +2,8 @@
 
 Every entry is a per-token divergence. It receives student and teacher logits of shape ``(N, V)``, already
 divided by the temperature and cast to float32 (float64 stays float64), and returns a tensor of shape
-``(N,)``: one value per token.
+``(N,)``: one value per token. It must not modify its inputs in place (at T = 1 in float32 they are the
+caller's tensors). On the chunked path (:mod:`distily.chunked`) ``N`` is one chunk of the batch's tokens.
 Masking padding, normalising by the number of real tokens and the T² factor are done once, for every loss,
 by :func:`distillation_loss`, so a new loss only has to write its formula.
 

@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .chunked import (
     HeadTeacherSignal,
@@ -241,7 +242,8 @@ class DistillationTrainer(Trainer):
             hidden, outputs = student_hidden_states(model, input_ids, attention_mask)
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
             total, stats = chunked_head_objective(hidden[:, :-1][mask], head, objective, self.loss_chunk_size)
-            outputs.logits = None  # only the last position's; full logits never exist on this path
+            # Full logits never exist on this path: return the hidden states, without the last position's logits.
+            outputs = CausalLMOutputWithPast(hidden_states=outputs.hidden_states)
         else:
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
