@@ -199,6 +199,32 @@ def test_the_loss_sees_one_chunk_at_a_time(tmp_path):
         LOSSES.unregister("test_chunk_spy")
 
 
+def test_a_teacher_signal_from_a_cache_plugs_into_the_chunked_path(tmp_path):
+    """The seam a recorded teacher uses: override teacher_signal() to serve stored logits instead of a live
+    forward pass. With the live teacher's own logits stored, loss and gradients are the live ones."""
+    teacher, student = make_pair()
+    batch = padded_batch(seed=7)
+    with torch.no_grad():
+        stored = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    served = []
+
+    class CachedTeacherTrainer(DistillationTrainer):
+        def teacher_signal(self, inputs, mask, chunked):
+            served.append(int(mask.sum()))
+            return LogitsTeacherSignal(stored[mask])
+
+    live = loss_and_grads(tmp_path, teacher, student, batch, "true", alpha=0.5, temperature=2.0, loss_chunk_size=6)
+    model = copy.deepcopy(student)
+    config = make_config(tmp_path, chunked_loss="true", alpha=0.5, temperature=2.0, loss_chunk_size=6)
+    trainer = CachedTeacherTrainer(model=model, teacher_model=teacher, args=config)
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    cached = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, trainer)
+    assert served == [16 + 11 + 10]
+    assert_same(live, cached)
+
+
 def test_no_real_tokens_gives_zero_loss_and_zero_gradients(tmp_path):
     teacher, student = make_pair()
     batch = padded_batch()
