@@ -25,6 +25,7 @@ from transformers import TrainingArguments
 STUDENT_INITS = ("auto", "teacher", "random")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_SHARDINGS = ("auto", "replicate", "shard")
+CHUNKED_LOSS_CHOICES = ("auto", "true", "false")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,17 @@ def parse_json_dict(value: Any, flag: str, example: str) -> dict | None:
             raise ConfigError(f"--{flag} must be a JSON object like '{example}', got {type(parsed).__name__}.")
         return parsed
     raise ConfigError(f"--{flag} must be a dict or a JSON object string, got {type(value).__name__}.")
+
+
+def _normalise_switch(value: Any, flag: str, choices: tuple[str, ...]) -> str:
+    """``auto``/``true``/``false`` from a string or a bool (YAML turns ``false`` into a bool)."""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    text = str(value).strip().lower()
+    text = {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false", "0": "false"}.get(text, text)
+    if text not in choices:
+        raise ConfigError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}.")
+    return text
 
 
 @dataclass
@@ -314,6 +326,23 @@ class DistillationConfig(TrainingArguments):
             "choices": list(TEACHER_SHARDINGS),
         },
     )
+    chunked_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the LM heads and the logit losses a chunk of tokens at a time from the final hidden "
+            "states, never holding full-vocabulary logits for the whole batch (same numbers, far less memory). "
+            "auto: on wherever the models allow it; true: always (an error if a model cannot); false: off.",
+            "choices": list(CHUNKED_LOSS_CHOICES),
+        },
+    )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "Tokens per chunk of the chunked loss path; memory per chunk grows with tokens × vocabulary. "
+            "0 (auto): a power of two with about 8M logits per chunk on CPU (128 tokens for a 49k vocabulary), "
+            "64M on accelerators (1024 tokens)."
+        },
+    )
 
     def __post_init__(self):
         # Distillation fields first: their errors are the ones a user is most likely to hit.
@@ -351,6 +380,16 @@ class DistillationConfig(TrainingArguments):
                     "--teacher_device puts a whole teacher on one device; --teacher_sharding shard splits it across "
                     "processes. Drop one of them."
                 )
+        self.chunked_loss = _normalise_switch(self.chunked_loss, "chunked_loss", CHUNKED_LOSS_CHOICES)
+        if (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 0
+        ):
+            raise ConfigError(
+                f"--loss_chunk_size must be a whole number of tokens (0 for automatic), got {self.loss_chunk_size!r}. "
+                "Leave it at 0, or try 128 on CPU and 1024 on a GPU; lower it to save memory."
+            )
         # Validate the loss parameters now rather than at the first training step.
         from .losses import build_loss
 
@@ -375,6 +414,8 @@ class DistillationConfig(TrainingArguments):
                 "eval_teacher",
                 "teacher_device",
                 "teacher_sharding",
+                "chunked_loss",
+                "loss_chunk_size",
             )
         }
 

@@ -2,7 +2,8 @@
 
 Every entry is a per-token divergence. It receives student and teacher logits of shape ``(N, V)``, already
 divided by the temperature and cast to float32 (float64 stays float64), and returns a tensor of shape
-``(N,)``: one value per token.
+``(N,)``: one value per token. It must not modify its inputs in place (at T = 1 in float32 they are the
+caller's tensors). On the chunked path (:mod:`distily.chunked`) ``N`` is one chunk of the batch's tokens.
 Masking padding, normalising by the number of real tokens and the T² factor are done once, for every loss,
 by :func:`distillation_loss`, so a new loss only has to write its formula.
 
@@ -29,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .registry import Registry
 
@@ -56,9 +58,34 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
+class _ForwardKL(torch.autograd.Function):
+    """KL(p || q) per row, with the closed-form gradient ∂/∂s = softmax(s) − p (p sums to 1).
+
+    Same values as autograd through ``log_softmax`` and ``kl_div``, in fewer full-vocabulary passes and
+    allocations. Used when only the student needs a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_q = student_logits.log_softmax(-1)
+        log_p = teacher_logits.log_softmax(-1)
+        p = log_p.exp()
+        value = torch.linalg.vecdot(p, log_p.sub_(log_q))
+        ctx.save_for_backward(log_q, p)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        log_q, p = ctx.saved_tensors
+        return log_q.exp().sub_(p).mul_(grad.unsqueeze(-1)), None
+
+
 @register_loss("forward_kl")
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Forward KL, mean-seeking: KL(p || q) = Σ p (log p − log q)."""
+    if student_logits.requires_grad and not teacher_logits.requires_grad and torch.is_grad_enabled():
+        return _ForwardKL.apply(student_logits, teacher_logits)
     return _kl_from_log_probs(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1))
 
 
@@ -161,6 +188,33 @@ def build_loss(name: str, loss_kwargs: dict | None = None) -> LossFn:
     return functools.partial(entry, **loss_kwargs) if loss_kwargs else entry
 
 
+def token_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, loss_fn: LossFn, temperature: float = 1.0
+) -> Tensor:
+    """D(s/T, t/T) per token, shape ``(N,)``, for logits of shape ``(N, V)`` (no T² factor, no masking).
+
+    The divergence is computed in float32 or wider (float64 inputs stay float64), so bf16 training stays
+    stable. A vocabulary mismatch and a loss that does not return one value per token are errors.
+    """
+    vocab = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != vocab:
+        raise ValueError(
+            f"Student and teacher logits have different vocabulary sizes ({vocab} vs "
+            f"{teacher_logits.shape[-1]}): distillation needs a shared tokenizer."
+        )
+    # Upcast half precision; never downcast float64 (it would silently lose precision and break gradcheck).
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    if temperature != 1.0:  # x / 1 == x exactly: skip two full-vocabulary passes (and one in backward)
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    per_token = loss_fn(student_logits, teacher_logits)
+    if per_token.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"A loss must return one value per token, shape ({student_logits.shape[0]},); got {tuple(per_token.shape)}."
+        )
+    return per_token
+
+
 def distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -190,13 +244,7 @@ def distillation_loss(
         teacher_logits = teacher_logits[keep]
     if num_tokens is None:
         num_tokens = student_logits.shape[0]
-    # Upcast half precision; never downcast float64 (it would silently lose precision and break gradcheck).
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    per_token = loss_fn(student_logits.to(dtype) / temperature, teacher_logits.to(dtype) / temperature)
-    if per_token.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"A loss must return one value per token, shape ({student_logits.shape[0]},); got {tuple(per_token.shape)}."
-        )
+    per_token = token_divergence(student_logits, teacher_logits, loss_fn, temperature)
     total = per_token.sum() * (temperature**2)
     if isinstance(num_tokens, Tensor):
         return total / num_tokens.clamp(min=1).to(total.dtype)

@@ -7,6 +7,7 @@ throughput and peak memory).
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import sys
@@ -14,15 +15,28 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .chunked import (
+    HeadTeacherSignal,
+    LogitsTeacherSignal,
+    TeacherSignal,
+    TokenObjective,
+    auto_chunk_size,
+    chunked_head_objective,
+    hidden_state_path_problem,
+    student_hidden_states,
+    teacher_hidden_states,
+)
 from .config import ConfigError, DistillationConfig
 from .data import BlockCollator
 from .distributed import check_world_size, place_teacher, world_size_from_env, wrap_student_for_training
-from .losses import build_loss, distillation_loss
+from .losses import build_loss
 from .teacher.loading import freeze
+
+logger = logging.getLogger(__name__)
 
 
 class StepTimer(TrainerCallback):
@@ -134,12 +148,45 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None:
             self.teacher, self.teacher_input_device = place_teacher(self.teacher, self.accelerator, self.args)
         self.loss_fn = build_loss(args.loss, args.loss_kwargs)
+        self.chunked = self._use_chunked_loss()
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+        self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
         self.step_timer = StepTimer()
         self.add_callback(self.step_timer)
         self._log_sums: dict[str, float] = defaultdict(float)
         self._log_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
         self._eval_sums: torch.Tensor | None = None
+
+    def _use_chunked_loss(self) -> bool:
+        """Whether this run takes the chunked loss path (``chunked_loss``: auto, true or false).
+
+        ``auto`` takes it whenever both models give their logits as ``head(final hidden state)`` (checked once
+        here on four tokens) and the parameters are not sharded (FSDP, DeepSpeed ZeRO-3), which would need the
+        head's weights gathered outside the model's forward. ``true`` makes any obstacle an error.
+        """
+        mode = self.args.chunked_loss
+        if mode == "false":
+            return False
+        problems = []
+        if self.is_fsdp_enabled:
+            problems.append("FSDP shards the head's weights")
+        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            problems.append("DeepSpeed ZeRO-3 shards the head's weights")
+        for role, module in (("student", self.model), ("teacher", self.teacher)):
+            if module is not None and not problems:
+                problem = hidden_state_path_problem(module, teacher=role == "teacher")
+                if problem:
+                    problems.append(f"{role}: {problem}")
+        if not problems:
+            return True
+        if mode == "true":
+            raise ConfigError(
+                f"--chunked_loss true cannot be used here: {'; '.join(problems)}. Use --chunked_loss auto (falls "
+                "back to full logits) or false."
+            )
+        logger.warning("Computing losses from full logits (chunked_loss=auto): %s.", "; ".join(problems))
+        return False
 
     # -- objective ---------------------------------------------------------------------------------------------
 
@@ -154,44 +201,80 @@ class DistillationTrainer(Trainer):
             ).logits
         return logits.to(inputs["input_ids"].device)
 
+    def teacher_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, chunked: bool) -> TeacherSignal:
+        """The teacher's side of the objective for the real next-token positions ``mask`` (B, L-1) of a batch.
+
+        Chunked path: the teacher's final hidden states, computed in inference mode and in the teacher's own
+        dtype, with its head applied one chunk at a time. Plain path: its full logits. A recorded teacher
+        plugs in here.
+        """
+        if chunked:
+            device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
+            with torch.inference_mode():
+                hidden = teacher_hidden_states(
+                    self.teacher,
+                    inputs["input_ids"].to(device),
+                    attention_mask.to(device) if attention_mask is not None else None,
+                )
+                hidden = hidden[:, :-1][mask.to(hidden.device)]
+            # A normal tensor (cheap: hidden size, not vocabulary), so chunks can be used outside inference mode.
+            return HeadTeacherSignal(hidden.clone(), self.teacher.get_output_embeddings(), inputs["input_ids"].device)
+        return LogitsTeacherSignal(self.teacher_logits(inputs)[:, :-1][mask])
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation objective (see the class docstring), normalised by the number of real tokens.
 
         During training, ``num_items_in_batch`` (the real tokens of the whole accumulated batch, across
         devices) is the normaliser, so gradient accumulation and data parallelism give the same gradients as
-        one big batch.
+        one big batch. With ``chunked_loss`` the heads and the per-token terms are computed chunk by chunk from
+        the final hidden states (:mod:`distily.chunked`); otherwise from full logits. Both give the same numbers.
         """
         args: DistillationConfig = self.args
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        training = model.training
+        # Metrics computed from logits need the full logits: evaluate those batches on the plain path.
+        wants_logits = return_outputs and (self.compute_metrics is not None or self.preprocess_logits_for_metrics)
+        chunked = self.chunked and not wants_logits
         labels = inputs["labels"][:, 1:]
         mask = labels != -100
-        student_logits = outputs.logits[:, :-1]
-        training = model.training
         local_tokens = mask.sum()
         normaliser = num_items_in_batch if (training and num_items_in_batch is not None) else local_tokens
-        components: dict[str, torch.Tensor] = {}
-        need_teacher = args.alpha > 0 or (not training and self.teacher is not None and args.eval_teacher)
-        teacher_logits = self.teacher_logits(inputs)[:, :-1] if need_teacher else None
+        teacher_ce = not training and self.teacher is not None and args.eval_teacher
+        need_teacher = args.alpha > 0 or teacher_ce
+        objective = TokenObjective(
+            labels=labels[mask],
+            loss_fn=self.loss_fn if args.alpha > 0 else None,
+            teacher=self.teacher_signal(inputs, mask, chunked) if need_teacher else None,
+            temperature=args.temperature,
+            kd_weight=args.alpha,
+            ce_weight=1 - args.alpha,
+            student_ce=args.alpha < 1 or not training,
+            teacher_ce=teacher_ce,
+            # Evaluation sums its statistics per sequence (see _accumulate_eval).
+            sequence_ids=None if training else sequence_index(mask),
+            num_sequences=mask.shape[0],
+        )
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        if chunked:
+            hidden, outputs = student_hidden_states(model, input_ids, attention_mask)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            total, stats = chunked_head_objective(hidden[:, :-1][mask], head, objective, self.loss_chunk_size)
+            # Full logits never exist on this path: return the hidden states, without the last position's logits.
+            outputs = CausalLMOutputWithPast(hidden_states=outputs.hidden_states)
+        else:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
+        # A batch with no real token contributes zero (not 0/0); its gradient is zero too.
+        normaliser = normaliser.clamp(min=1) if isinstance(normaliser, torch.Tensor) else max(normaliser, 1)
+        loss = total / normaliser
+        kd_sum, ce_sum, _ = (stats.sum(-1) if stats.dim() > 1 else stats).unbind()
 
-        loss = student_logits.new_zeros((), dtype=torch.float32)
+        components: dict[str, torch.Tensor] = {}
         if args.alpha > 0:
-            kd = distillation_loss(student_logits, teacher_logits, mask, self.loss_fn, args.temperature, normaliser)
-            loss = loss + args.alpha * kd
-            components["loss_kd"] = kd
-        if args.alpha < 1 or not training:
-            ce_rows = F.cross_entropy(
-                student_logits.reshape(-1, student_logits.shape[-1]).float(),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            ).view(labels.shape)
-            ce_sum = ce_rows.sum()
-            ce = ce_sum / normaliser
-            if args.alpha < 1:
-                loss = loss + (1 - args.alpha) * ce
-            components["loss_ce"] = ce
+            components["loss_kd"] = kd_sum / normaliser
+        if objective.student_ce:
+            components["loss_ce"] = ce_sum / normaliser
         if not training:
-            self._accumulate_eval(ce_rows.sum(-1), mask.sum(-1), teacher_logits, labels)
+            self._accumulate_eval(stats[1], stats[2], mask.sum(-1))
 
         if training:
             # The loss is already normalised over the accumulated batch when num_items_in_batch is known.
@@ -206,25 +289,13 @@ class DistillationTrainer(Trainer):
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
-    def _accumulate_eval(self, ce_rows, tokens_rows, teacher_logits, labels) -> None:
+    def _accumulate_eval(self, ce_rows, teacher_ce_rows, tokens_rows) -> None:
         """Adds one eval batch's per-sequence sums (student CE, teacher CE, real tokens) to the running totals.
 
         Per sequence, because under DDP accelerate fills the last eval batch of some processes with repeated
         sequences; ``gather_for_metrics`` drops them, so every eval sequence counts exactly once.
         """
-        teacher_rows = torch.zeros_like(ce_rows)
-        if teacher_logits is not None:
-            teacher_rows = (
-                F.cross_entropy(
-                    teacher_logits.reshape(-1, teacher_logits.shape[-1]).float(),
-                    labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="none",
-                )
-                .view(labels.shape)
-                .sum(-1)
-            )
-        rows = torch.stack([ce_rows.detach().float(), teacher_rows.float(), tokens_rows.float()], dim=-1)
+        rows = torch.stack([ce_rows.detach().float(), teacher_ce_rows.detach().float(), tokens_rows.float()], dim=-1)
         values = self.accelerator.gather_for_metrics(rows).sum(0)
         self._eval_sums = values if self._eval_sums is None else self._eval_sums + values
 
@@ -272,3 +343,8 @@ class DistillationTrainer(Trainer):
             self._tokens_since_log = 0
             logs["peak_memory_mb"] = round(peak_memory_mb(self.args.device), 1)
         super().log(logs, start_time)
+
+
+def sequence_index(mask: torch.Tensor) -> torch.Tensor:
+    """The batch row of each selected token of ``mask`` (B, L), in the row-major order of ``tensor[mask]``."""
+    return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
