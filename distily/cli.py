@@ -20,6 +20,7 @@ logger = logging.getLogger("distily")
 # Subcommand name -> "module:function" taking argv (imported lazily, so `distily --help` stays fast).
 COMMANDS: dict[str, str] = {
     "train": "distily.cli:train_command",
+    "synth": "distily.teacher.synth:synth_command",
 }
 
 

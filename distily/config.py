@@ -136,6 +136,13 @@ class DataArguments:
         default=64,
         metadata={"help": "Evaluate on at most this many packed blocks (a fixed sample, the same in every run)."},
     )
+    prompt_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "For prompt/completion data (a `distily synth` folder): also train on the prompt tokens. "
+            "Default: the loss covers only the teacher's completions."
+        },
+    )
     dataset_cache_dir: str | None = field(
         default=None, metadata={"help": "Where datasets caches tokenised blocks (default: HF_DATASETS_CACHE)."}
     )
