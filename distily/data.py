@@ -170,7 +170,7 @@ def load_documents(args: DataArguments) -> DatasetDict:
                     f"Point --dataset at files that hold text. ({type(err).__name__}: {err})"
                 ) from err
         elif is_synth_folder(path):  # `distily synth` output: prompt/completion samples, split by prompt id
-            raw = load_synth_documents(path, args.eval_fraction, args.dataset_cache_dir)
+            raw = load_synth_documents(path, args.eval_fraction, args.dataset_cache_dir, args.dataset_text_field)
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             try:
                 raw = datasets.load_from_disk(str(path))

@@ -112,20 +112,20 @@ class FakeOpenAI:
                 with server._lock:
                     server.attempts[content] += 1
                     attempt = server.attempts[content]
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    self._answer(content, attempt, chat, body)
-                finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                self._answer(content, attempt, chat, body)
 
             def _answer(self, content: str, attempt: int, chat: bool, body: dict) -> None:
                 if self.headers.get("Authorization") != f"Bearer {server.key}":
                     self._send(401, {"error": {"message": "Incorrect API key provided."}}, content, body)
                     return
                 fault = server.fault(content, attempt) or Fault()
-                time.sleep(server.delay + fault.sleep)
+                time.sleep(fault.sleep)  # a slow answer: the client may time out (it is not counted in flight)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                time.sleep(server.delay)
+                with server._lock:
+                    server.in_flight -= 1
                 if fault.status != 200:
                     message = "injected fault"
                     if fault.echo_headers:

@@ -398,7 +398,9 @@ def test_templates_render_validate_and_extend(tmp_path):
 
     path = tmp_path / "review.yaml"
     path.write_text(
-        "system: You review {language} code.\ninstruction: |-\n  Review this code:\n\n  {prompt}\ndefaults: {language: Go}\n"
+        "system: You review {language} code.\n"
+        "instruction: |-\n  Review this code:\n\n  {prompt}\n"
+        "defaults: {language: Go}\n"
     )
     review = load_template(str(path))
     assert review.name == "review"

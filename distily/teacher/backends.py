@@ -133,13 +133,20 @@ class RowSampling:
         top_p = self.top_p.to(scores.device)
         greedy = temperatures <= 0
         scores = scores / torch.where(greedy, torch.ones_like(temperatures), temperatures).unsqueeze(-1)
+        if bool((top_p >= 1.0).all()):
+            return self._greedy_rows(scores, greedy)
         # Nucleus: drop the tokens after the cumulative probability passes top_p (always keep the best one).
         sorted_scores, order = scores.sort(dim=-1, descending=True)
         cumulative = sorted_scores.softmax(-1).cumsum(-1)
         drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= top_p.unsqueeze(-1)
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        return self._greedy_rows(scores.masked_fill(drop, float("-inf")), greedy)
+
+    @staticmethod
+    def _greedy_rows(scores, greedy):
+        import torch
+
         if greedy.any():
             best = scores.argmax(-1, keepdim=True)
             only_best = torch.full_like(scores, float("-inf")).scatter(-1, best, 0.0)

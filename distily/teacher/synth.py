@@ -19,6 +19,7 @@ import math
 import re
 import shlex
 import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -141,7 +142,9 @@ class SynthArguments:
     )
     dedup: bool = field(default=False, metadata={"help": "Drop samples whose text repeats an earlier sample."})
     shard_size: int = field(default=100, metadata={"help": "Samples per shard file (the unit of atomic writes)."})
-    flush_seconds: float = field(default=60.0, metadata={"help": "Write a shard at least this often (seconds)."})
+    flush_seconds: float = field(
+        default=60.0, metadata={"help": "Write a (smaller) shard when the last one is this old, between batches."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a synth folder made with different settings."}
     )
@@ -682,21 +685,28 @@ def _run(args, teacher_args, backend: Backend, source_prompts, command, secrets)
 
     def flush(status: str) -> None:
         for key, prefix in (("samples", SAMPLES_PREFIX), ("rejected", REJECTED_PREFIX)):
-            rows = state[key]
+            rows, state[key] = state[key], []  # taken first: a signal mid-write can lose rows, never repeat them
             if rows:
                 existing = shard_files(folder, prefix)
                 index = int(existing[-1].stem[len(prefix) :]) + 1 if existing else 0
                 _write_jsonl_atomic(folder / f"{prefix}{index:05d}.jsonl", rows)
-                state[key] = []
         state["last_flush"] = time.monotonic()
         _update_manifest(folder, manifest, status, planned, state["failed"], budget)
+
+    def requests() -> Iterator[GenerationRequest]:
+        for sample_id in pending:
+            # The backend asks for the next request once the results before it were handed over (a batch is
+            # done, an API slot is free): the moment to write a shard if the last one is getting old.
+            if time.monotonic() - state["last_flush"] >= args.flush_seconds:
+                session["seconds"] = round(time.monotonic() - started, 3)
+                flush(status)
+            yield request_for(sample_id)
 
     started = time.monotonic()
     status = "running"
     flush(status)
     try:
-        requests = budget.gate((request_for(s) for s in pending), backend)
-        for generation in backend.generate(requests):
+        for generation in backend.generate(budget.gate(requests(), backend)):
             budget.settle(generation)
             if generation.error:
                 state["failed"][generation.id] = generation.error
@@ -715,8 +725,7 @@ def _run(args, teacher_args, backend: Backend, source_prompts, command, secrets)
                 seen_texts.setdefault(key, row["id"])
                 state["samples"].append(row)
                 session["samples"] += 1
-            waiting = len(state["samples"]) + len(state["rejected"])
-            if waiting >= args.shard_size or time.monotonic() - state["last_flush"] >= args.flush_seconds:
+            if len(state["samples"]) + len(state["rejected"]) >= args.shard_size:
                 session["seconds"] = round(time.monotonic() - started, 3)
                 flush(status)
         status = "finished"
@@ -813,11 +822,18 @@ def synth_command(argv: list[str]) -> int:
     from ..run import main_command
 
     teacher_args, args = parse_with_yaml(argv, classes=SYNTH_ARGUMENT_CLASSES, prog="distily synth")
+
+    def stop(signum, frame):  # SIGTERM: write the samples already generated, then exit
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         result = synthesize(args, teacher_args, command=main_command())
     except SynthError as err:
         print(f"distily synth: error: {err}", flush=True)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counts, usage = result.counts, result.manifest["usage"]
     session = result.manifest["sessions"][-1]
     print(

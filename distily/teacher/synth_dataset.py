@@ -94,8 +94,14 @@ def _rows(files: list[str], eval_fraction: float, want_eval: bool, fingerprint: 
             }
 
 
-def load_synth_documents(folder: str | Path, eval_fraction: float, cache_dir: str | None = None) -> DatasetDict:
-    """A synth folder as ``train``/``eval`` splits (by prompt-id hash) with the columns of :data:`FEATURES`."""
+def load_synth_documents(
+    folder: str | Path, eval_fraction: float, cache_dir: str | None = None, text_field: str = "text"
+) -> DatasetDict:
+    """A synth folder as ``train``/``eval`` splits (by prompt-id hash) with the columns of :data:`FEATURES`.
+
+    With another ``text_field`` (e.g. ``completion``) the plain ``text`` column is dropped, so that field can
+    become the text.
+    """
     from ..data import DataError
 
     folder = Path(folder)
@@ -130,7 +136,10 @@ def load_synth_documents(folder: str | Path, eval_fraction: float, cache_dir: st
                 f"Synthetic dataset {str(folder)!r} has {total} sample(s) and none falls in its {split} split "
                 f"(--eval_fraction {eval_fraction}, by prompt id). Generate more samples or change --eval_fraction."
             ) from err
-    return DatasetDict(splits)
+    documents = DatasetDict(splits)
+    if text_field != "text" and text_field in FEATURES:
+        documents = documents.remove_columns("text")
+    return documents
 
 
 # ----------------------------------------------------------------------------------------------------------------
