@@ -113,7 +113,7 @@ class DataArguments:
         metadata={
             "help": "'python-stdlib' (built in), a Hub dataset name, a folder saved with save_to_disk, data "
             "files (.json/.jsonl/.parquet/.csv/.txt, comma-separated or a glob; one .txt file is split into "
-            "paragraphs), or a folder of text/code files."
+            "paragraphs), a folder of text/code files, or a `distily synth` output folder."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
