@@ -130,3 +130,21 @@ def test_four_step_training_run_on_synthetic_data(synth_folder, tiny_teacher_dir
         prepared = prepare_datasets(args_for(synth_folder, tmp_path), tokenizer, seq_len=32)
         unmasked = sum(sum(x != -100 for x in lab[1:]) for lab in prepared.eval["labels"])
         assert end["eval_tokens"] == unmasked < len(prepared.eval) * 31
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_renders_and_masks_the_prompt(smollm2):
+    """The real teacher's chat template: the prompt part ends with the assistant header, the rest is trained."""
+    from distily.teacher.synth_dataset import pack_prompt_completion, render_sample
+
+    _, tokenizer = smollm2
+    request = {"messages": [{"role": "user", "content": "How do I reverse a list?"}], "input": None}
+    prompt, answer = render_sample(tokenizer, request, "Use reversed(xs) or xs[::-1].")
+    assert prompt.endswith("<|im_start|>assistant\n") and "How do I reverse a list?" in prompt
+    assert answer.startswith("Use reversed(xs)") and answer.rstrip().endswith("<|im_end|>")
+    batch = {"synth_request": [json.dumps(request)] * 8, "completion": ["Use reversed(xs) or xs[::-1]."] * 8}
+    blocks = pack_prompt_completion(batch, tokenizer, seq_len=64, separator=tokenizer.eos_token_id, prompt_loss=False)
+    trained = [t for labels in blocks["labels"] for t in labels if t != -100]
+    text = tokenizer.decode(trained)
+    assert "reverse a list" not in text  # the question is never a label
+    assert text.count("Use reversed(xs) or xs[::-1].") >= len(blocks["labels"]) - 1
