@@ -61,7 +61,9 @@ def run(args) -> dict:
         train, alpha = synth.train, 1.0
     else:
         half = min(len(synth.train), need // 2)
-        code = with_labels(stdlib.train.shuffle(seed=0).select(range(max(half, need - half))))
+        code = with_labels(stdlib.train.shuffle(seed=0).select(range(max(half, need - half)))).cast(
+            synth.train.features
+        )
         train, alpha = concatenate_datasets([code, synth.train.select(range(half))]).shuffle(seed=0), 1.0
     torch.manual_seed(args.seed)
     student = distily.build_student(teacher, {"num_hidden_layers": 4})
