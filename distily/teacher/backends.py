@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -410,7 +411,8 @@ class OpenAIBackend:
         self._client = client or self._openai.OpenAI(
             api_key=self._key, base_url=api_base, timeout=request_timeout, max_retries=0
         )
-        self.retries = 0
+        self.retries = 0  # counted across worker threads, under the lock
+        self._lock = threading.Lock()
 
     @property
     def secrets(self) -> list[str]:
@@ -479,7 +481,8 @@ class OpenAIBackend:
             if attempt > self.retry.max_retries:
                 return Generation(id=request.id, attempts=attempt, error=f"gave up after {attempt} attempts: {message}")
             delay = self.retry.delay(attempt, wait_for)
-            self.retries += 1
+            with self._lock:
+                self.retries += 1
             logger.warning("Request %s: %s; retry %d in %.2f s.", request.id, message, attempt, delay)
             self.sleep(delay)
 
