@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "export": "distily.cli:export_command",
     "eval": "distily.cli:eval_command",
     "sweep": "distily.cli:sweep_command",
+    "synth": "distily.teacher.synth:synth_command",
 }
 
 

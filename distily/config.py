@@ -235,7 +235,7 @@ class DataArguments:
         metadata={
             "help": "'python-stdlib' (built in), a Hub dataset name, a folder saved with save_to_disk, data "
             "files (.json/.jsonl/.parquet/.csv/.txt, comma-separated or a glob; one .txt file is split into "
-            "paragraphs), or a folder of text/code files."
+            "paragraphs), a folder of text/code files, or a `distily synth` output folder."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
@@ -257,6 +257,13 @@ class DataArguments:
     max_eval_blocks: int | None = field(
         default=64,
         metadata={"help": "Evaluate on at most this many packed blocks (a fixed sample, the same in every run)."},
+    )
+    prompt_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "For prompt/completion data (a `distily synth` folder): also train on the prompt tokens. "
+            "Default: the loss covers only the teacher's completions."
+        },
     )
     dataset_cache_dir: str | None = field(
         default=None, metadata={"help": "Where datasets caches tokenised blocks (default: HF_DATASETS_CACHE)."}

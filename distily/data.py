@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
 from .config import DataArguments
+from .teacher.synth_dataset import REQUEST_COLUMN, is_synth_folder, load_synth_documents, pack_synth_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ def load_documents(args: DataArguments) -> DatasetDict:
                     f"Dataset {spec!r} is empty: no rows could be read from {len(files)} {builder} file(s). "
                     f"Point --dataset at files that hold text. ({type(err).__name__}: {err})"
                 ) from err
+        elif is_synth_folder(path):  # `distily synth` output: prompt/completion samples, split by prompt id
+            raw = load_synth_documents(path, args.eval_fraction, args.dataset_cache_dir, args.dataset_text_field)
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             try:
                 raw = datasets.load_from_disk(str(path))
@@ -328,10 +331,18 @@ def prepare_datasets(args: DataArguments, tokenizer, seq_len: int, seed: int = 4
     """Load, split, tokenise and pack; errors name the problem (empty data, text too short, ...)."""
     documents = load_documents(args)
     packed = {}
+    # Prompt/completion samples (a synth folder, default text field): chat-rendered, prompt tokens masked.
+    structured = REQUEST_COLUMN in documents["train"].column_names and args.dataset_text_field == "text"
     for split in ("train", "eval"):
-        blocks = pack_dataset(
-            documents[split], tokenizer, seq_len, args.preprocessing_num_workers, desc=f"Packing {split} blocks"
-        )
+        if structured:
+            blocks = pack_synth_dataset(
+                documents[split], tokenizer, seq_len, args.prompt_loss, args.preprocessing_num_workers,
+                desc=f"Packing {split} samples",
+            )  # fmt: skip
+        else:
+            blocks = pack_dataset(
+                documents[split], tokenizer, seq_len, args.preprocessing_num_workers, desc=f"Packing {split} blocks"
+            )
         if len(blocks) == 0:
             raise DataError(
                 f"The {split} split of {args.dataset!r} holds fewer than seq_len={seq_len} tokens, so no block "
