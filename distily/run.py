@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 RUN_MANIFEST = "distily_run.json"
 RUN_CONFIG = "distily_config.yaml"
 CHECKPOINT_PREFIX = "checkpoint-"
+BITNET_PACKED_DIR = "packed"  # a BitNet run's ternary-packed export, inside its output folder
 
 
 @dataclass
@@ -171,6 +172,7 @@ def train(
     Evaluates teacher and student on the eval split before and after training, saves the student (with its
     tokenizer), metrics, trainer state, TensorBoard logs and the resolved config in ``config.output_dir``.
     """
+    from .bitnet import is_bitnet_student, save_packed
     from .data import prepare_datasets
     from .students import build_student, count_parameters
     from .teacher.loading import load_teacher
@@ -241,6 +243,9 @@ def train(
     train_output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics = dict(train_output.metrics)
     trainer.save_model()
+    if is_bitnet_student(student):
+        # The shippable form: ternary weights packed 4 per byte (docs/bitnet.md); the run folder keeps the latent ones.
+        manifest["bitnet"] = save_packed(student, output_dir / BITNET_PACKED_DIR, tokenizer=tokenizer, overwrite=True)
     trainer.save_metrics("train", result.train_metrics)
     trainer.save_state()
     result.metrics_after = trainer.evaluate()

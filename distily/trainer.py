@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from .bitnet import warmup_callback
 from .config import ConfigError, DistillationConfig
 from .data import BlockCollator
 from .losses import build_loss, distillation_loss
@@ -132,6 +133,10 @@ class DistillationTrainer(Trainer):
         self.loss_fn = build_loss(args.loss, args.loss_kwargs)
         self.step_timer = StepTimer()
         self.add_callback(self.step_timer)
+        # BitNet students: quantisation warm-up driven by global_step (see distily.bitnet.BitNetWarmup).
+        bitnet_warmup = warmup_callback(model)
+        if bitnet_warmup is not None:
+            self.add_callback(bitnet_warmup)
         self._log_sums: dict[str, float] = defaultdict(float)
         self._log_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
