@@ -530,3 +530,75 @@ def test_bf16_model_packed_export_equal_logits(tmp_path, eager_transformers_bitn
     assert reloaded.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def bitnet_cli_args(teacher, corpus, out, student_config: str, *extra):
+    from .test_cli import base_args
+
+    args = base_args(teacher, corpus, out, *extra)
+    args[args.index("--student_config") + 1] = student_config
+    return args
+
+
+def test_cli_bitnet_run_writes_latent_and_packed_students(
+    tiny_teacher_dir, text_corpus, tmp_path, eager_transformers_bitnet
+):
+    from distily.bitnet import directory_bytes
+    from distily.cli import main, parse_with_yaml
+    from distily.config import configs_from_dict, load_yaml_file
+
+    out = tmp_path / "run"
+    student_config = '{"num_hidden_layers": 2, "bitnet": {"warmup_steps": 2}}'
+    args = bitnet_cli_args(tiny_teacher_dir, text_corpus, out, student_config, "--save_strategy", "steps")
+    assert main([*args, "--save_steps", "2"]) == 0
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "bitnet" and saved["distily_bitnet"] == {"warmup_steps": 2, "format": "latent"}
+    assert json.loads((out / "checkpoint-2" / "config.json").read_text())["distily_bitnet"]["format"] == "latent"
+    manifest = json.loads((out / "distily_run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["global_step"] == 3
+    sizes = manifest["bitnet"]
+    assert sizes["bytes_on_disk"] == directory_bytes(out / "packed") < sizes["fp16_student_bytes"]
+    assert json.loads((out / "packed" / "distily_export.json").read_text())["bytes_on_disk"] == sizes["bytes_on_disk"]
+
+    # The packed export (transformers' loader) and the latent run folder (distily's loader) are the same model.
+    ids = input_ids()
+    with torch.no_grad():
+        latent = load_bitnet_student(out)(ids).logits
+        packed = AutoModelForCausalLM.from_pretrained(out / "packed")(ids).logits
+    assert torch.equal(packed, latent)
+    assert (out / "packed" / "tokenizer.json").is_file()
+
+    # The saved run config keeps the bitnet options and reloads to the same objects.
+    values = load_yaml_file(out / "distily_config.yaml")
+    assert values["student_config"] == {"num_hidden_layers": 2, "bitnet": {"warmup_steps": 2}}
+    for one, two in zip(
+        parse_with_yaml(["--config", str(out / "distily_config.yaml")]), configs_from_dict(values), strict=True
+    ):
+        assert one == two
+
+
+@pytest.mark.parametrize(
+    ("student_config", "message"),
+    [
+        ('{"bitnet": {"warmup": 2}}', r"bitnet has unknown options \['warmup'\]"),
+        ('{"bitnet": {"warmup_steps": 1.5}}', "warmup_steps must be a whole number"),
+        ('{"bitnet": 1}', '"bitnet" must be true, false or an object'),
+    ],
+)
+def test_cli_bad_bitnet_options_fail_before_writing(
+    student_config, message, tiny_teacher_dir, text_corpus, tmp_path, capsys
+):
+    import re
+
+    from distily.cli import main
+
+    out = tmp_path / "run"
+    assert main(bitnet_cli_args(tiny_teacher_dir, text_corpus, out, student_config)) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not out.exists()
