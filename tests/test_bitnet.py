@@ -602,3 +602,17 @@ def test_cli_bad_bitnet_options_fail_before_writing(
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_bitnet_config_file_is_the_demo_with_a_bitnet_student():
+    from pathlib import Path
+
+    from distily.cli import parse_with_yaml
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    _, student, data, config = parse_with_yaml(["--config", str(configs / "bitnet.yaml")])
+    _, demo_student, demo_data, demo_config = parse_with_yaml(["--config", str(configs / "demo.yaml")])
+    assert student.student_config == {**demo_student.student_config, "bitnet": {"warmup_steps": 0}}
+    assert data == demo_data
+    assert config.distillation_fields == demo_config.distillation_fields
+    assert (config.max_steps, config.learning_rate) == (demo_config.max_steps, demo_config.learning_rate)
