@@ -121,7 +121,8 @@ class StudentArguments:
         default=None,
         metadata={
             "help": "JSON object of overrides applied to the teacher's config to make the student, "
-            "e.g. '{\"num_hidden_layers\": 4}'."
+            'e.g. \'{"num_hidden_layers": 4}\'. Add "bitnet": true (or {"warmup_steps": N}) for a BitNet '
+            "b1.58 student with ternary weights (see docs/bitnet.md)."
         },
     )
     student_init: str = field(
@@ -143,6 +144,10 @@ class StudentArguments:
 
     def __post_init__(self):
         self.student_config = parse_json_dict(self.student_config, "student_config", '{"num_hidden_layers": 4}')
+        if self.student_config and "bitnet" in self.student_config:
+            from .bitnet import parse_bitnet_option
+
+            parse_bitnet_option(self.student_config["bitnet"])  # bad BitNet options fail here, before any work
         if self.student_init not in STUDENT_INITS:
             raise ConfigError(f"--student_init {self.student_init!r} is not one of {', '.join(STUDENT_INITS)}.")
         if self.student is not None and not str(self.student).strip():

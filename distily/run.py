@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 RUN_MANIFEST = "distily_run.json"
 RUN_CONFIG = "distily_config.yaml"
 CHECKPOINT_PREFIX = "checkpoint-"
+BITNET_PACKED_DIR = "packed"  # a BitNet run's ternary-packed export, inside its output folder
 
 
 @dataclass
@@ -196,6 +197,7 @@ def train(
     """
     from transformers import set_seed
 
+    from .bitnet import is_bitnet_student, save_packed
     from .data import prepare_datasets
     from .distributed import FirstEvaluation, evaluates_inside_training, weights_are_sharded
     from .lora import apply_lora, save_student
@@ -308,6 +310,9 @@ def train(
         result.metrics_before = first_eval.metrics or {}
         trainer.save_metrics("eval_start", result.metrics_before, combined=False)
     save_student(trainer, output_dir, base=student_args.student)
+    if is_main and is_bitnet_student(student):
+        # The shippable form: ternary weights packed 4 per byte (docs/bitnet.md); the run folder keeps the latent ones.
+        manifest["bitnet"] = save_packed(student, output_dir / BITNET_PACKED_DIR, tokenizer=tokenizer, overwrite=True)
     trainer.save_metrics("train", result.train_metrics)
     trainer.save_state()
     result.metrics_after = trainer.evaluate()

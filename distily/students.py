@@ -137,10 +137,19 @@ def build_student(
     and a uniform subset of blocks keeping the first and the last) and uses random init otherwise;
     ``"teacher"`` copies whatever tensors fit even when widths differ; ``"random"`` never copies.
     The student is float32 by default (mixed precision is TrainingArguments' job) and in train mode.
+
+    ``overrides`` may also hold distily's ``"bitnet"`` key (``true`` or an object of
+    :class:`distily.bitnet.BitNetOptions`): the student built as above is then converted into a BitNet b1.58
+    student (:func:`distily.bitnet.convert_to_bitnet`).
     """
+    from .bitnet import check_convertible, convert_to_bitnet, split_bitnet_overrides
+
     if init not in STUDENT_INITS:
         raise ConfigError(f"init={init!r} is not one of {', '.join(STUDENT_INITS)}.")
+    overrides, bitnet = split_bitnet_overrides(overrides)
     config = student_config_from_teacher(teacher.config, overrides)
+    if bitnet is not None:
+        check_convertible(config)  # before building anything
     config.dtype = dtype
     n_teacher, n_student = layer_count(teacher.config), layer_count(config)
     copy_weights = init == "teacher" or (init == "auto" and _same_width(config, teacher.config))
@@ -160,6 +169,8 @@ def build_student(
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
     student.train()
+    if bitnet is not None:
+        student = convert_to_bitnet(student, bitnet)
     return student
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .bitnet import warmup_callback
 from .chunked import (
     HeadTeacherSignal,
     LogitsTeacherSignal,
@@ -153,6 +154,10 @@ class DistillationTrainer(Trainer):
         self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
         self.step_timer = StepTimer()
         self.add_callback(self.step_timer)
+        # BitNet students: quantisation warm-up driven by global_step (see distily.bitnet.BitNetWarmup).
+        bitnet_warmup = warmup_callback(model)
+        if bitnet_warmup is not None:
+            self.add_callback(bitnet_warmup)
         self._log_sums: dict[str, float] = defaultdict(float)
         self._log_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
