@@ -28,7 +28,7 @@ from distily.chunked import (
     chunked_head_objective,
     hidden_state_path_problem,
 )
-from distily.config import config_to_dict, configs_from_dict
+from distily.config import config_to_dict, configs_from_dict, train_kwargs
 from distily.losses import LOSSES, build_loss, distillation_loss, forward_kl
 
 from .conftest import TINY_VOCAB, tiny_gpt2_config, tiny_llama_config
@@ -435,9 +435,9 @@ def test_chunk_flags_round_trip_through_the_saved_config(tmp_path):
     configs[3].chunked_loss, configs[3].loss_chunk_size = "false", 96
     saved = config_to_dict(*configs)
     assert saved["chunked_loss"] == "false" and saved["loss_chunk_size"] == 96
-    assert configs_from_dict(saved)[3] == configs[3]
+    assert train_kwargs(configs_from_dict(saved))["config"] == configs[3]
     # The CLI spelling: a YAML `false` is a bool, and is stored as the string.
-    assert configs_from_dict({**saved, "chunked_loss": False})[3].chunked_loss == "false"
+    assert train_kwargs(configs_from_dict({**saved, "chunked_loss": False}))["config"].chunked_loss == "false"
 
 
 # -- memory --------------------------------------------------------------------------------------------------------

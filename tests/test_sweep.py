@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from distily.cli import main
-from distily.config import ConfigError, config_to_dict, known_fields, load_yaml_file
+from distily.config import ConfigError, config_to_dict, known_fields, load_yaml_file, train_kwargs
 from distily.sweep import SweepConfig, load_sweep
 from distily.sweep.config import parse_sweep_argv, run_configs
 from distily.sweep.runner import MetricsError, TrialError, Worker, combine, open_study
@@ -130,7 +130,7 @@ def test_conditional_entries_and_dict_choices_build_the_trial_config(tmp_path):
     stored = {**trial.params}
     rebuilt = sweep.config_from_params(stored, tmp_path / "out")
     assert {k: v for k, v in rebuilt.items() if k != "output_dir"} == flat
-    config = run_configs(rebuilt)[-1]
+    config = train_kwargs(run_configs(rebuilt))["config"]
     assert config.learning_rate == pytest.approx(3e-3) and config.loss_kwargs == {"beta": 0.25}
 
 
