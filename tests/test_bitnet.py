@@ -608,10 +608,13 @@ def test_bitnet_config_file_is_the_demo_with_a_bitnet_student():
     from pathlib import Path
 
     from distily.cli import parse_with_yaml
+    from distily.config import train_kwargs
 
     configs = Path(__file__).resolve().parent.parent / "configs"
-    _, student, data, config = parse_with_yaml(["--config", str(configs / "bitnet.yaml")])
-    _, demo_student, demo_data, demo_config = parse_with_yaml(["--config", str(configs / "demo.yaml")])
+    bitnet = train_kwargs(parse_with_yaml(["--config", str(configs / "bitnet.yaml")]))
+    demo = train_kwargs(parse_with_yaml(["--config", str(configs / "demo.yaml")]))
+    student, data, config = bitnet["student_args"], bitnet["data_args"], bitnet["config"]
+    demo_student, demo_data, demo_config = demo["student_args"], demo["data_args"], demo["config"]
     assert student.student_config == {**demo_student.student_config, "bitnet": {"warmup_steps": 0}}
     assert data == demo_data
     assert config.distillation_fields == demo_config.distillation_fields
