@@ -15,7 +15,7 @@ from distily import build_student
 from distily.bitnet import fp16_bytes, load_bitnet_student, save_packed
 from distily.cli import main
 from distily.export import EXPORT_MANIFEST, ExportError, check_exportable, export
-from distily.export.gguf import GGUF_OUTTYPES
+from distily.export.gguf import GGUF_OUTTYPES, write_gguf
 
 from .conftest import BYTE_VOCAB, make_byte_bpe_tokenizer, tiny_llama_config
 from .test_export import TEXT, llama_cpp_logits, token_ids, torch_logits
@@ -227,6 +227,33 @@ def test_f16_gguf_of_a_bitnet_student_stores_codes_and_scales(student_dir, tmp_p
     reference = torch_logits(student, ids)
     assert np.abs(logits - reference).max() < TQ_MAX_ABS
     assert_same_top1_unless_near_tie(reference, logits)
+
+
+def test_a_registered_tq_outtype_with_q8_0_embeddings_runs(student_dir, tmp_path, tokenizer):
+    """The outtype registry is the seam for other policies: TQ2_0 projections with a Q8_0 token embedding
+    (smaller than the f16 one the built-in tq2_0 keeps, at the cost of rounding the tied LM head)."""
+    import gguf
+
+    from distily.export.gguf import OutType, register_gguf_outtype
+
+    quant = gguf.GGMLQuantizationType
+    name = "tq2_0_q8_0_embeddings"
+    entry = OutType(
+        name, gguf.LlamaFileType.MOSTLY_TQ2_0, quant.Q8_0, fallback_type=quant.Q8_0, ternary_type=quant.TQ2_0
+    )
+    register_gguf_outtype(name)(entry)
+    try:
+        path = tmp_path / "q8emb.gguf"
+        report = write_gguf(load_bitnet_student(student_dir), tokenizer, path, name)
+    finally:
+        GGUF_OUTTYPES.unregister(name)
+    assert report.tensor_types["token_embd.weight"] == "Q8_0"
+    assert report.size_bytes < export(student_dir, ["gguf"], "tq2_0", tmp_path / "tq2.gguf").gguf_sizes["bytes"]
+    ids = token_ids(tokenizer)
+    reference = torch_logits(load_bitnet_student(student_dir), ids)
+    logits = llama_cpp_logits(path, ids)
+    assert np.abs(logits - reference).max() < TQ_MAX_ABS
+    assert perplexity(logits, ids) == pytest.approx(perplexity(reference, ids), rel=TQ_PPL_REL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
