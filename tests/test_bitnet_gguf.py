@@ -84,7 +84,7 @@ def assert_same_top1_unless_near_tie(reference: np.ndarray, other: np.ndarray) -
     decided = (top2[:, 1] - top2[:, 0]) > NEAR_TIE
     agree = reference.argmax(-1) == other.argmax(-1)
     assert np.all(agree | ~decided), np.nonzero(~agree & decided)
-    assert decided.mean() >= 0.9  # the comparison is not vacuous (measured: 93-99% of positions decided)
+    assert decided.mean() >= 0.9  # the comparison is not vacuous (measured: 93% and >95% decided)
 
 
 def gguf_types(path) -> dict[str, str]:
