@@ -3,12 +3,12 @@
 A GGUF file holds three things, each with its own seam here:
 
 * **architecture metadata and tensors** -- one :class:`GGUFArchitecture` per transformers ``model_type`` in
-  :data:`GGUF_ARCHITECTURES` (``llama``, ``gpt2``). It writes the hyper-parameters llama.cpp reads and yields
-  every tensor under its GGUF name, in the layout llama.cpp expects (Q/K rows permuted for Llama's RoPE,
-  GPT-2's ``Conv1D`` weights transposed).
+  :data:`GGUF_ARCHITECTURES` (``llama``, ``gpt2``, ``bitnet``). It writes the hyper-parameters llama.cpp reads
+  and yields every tensor under its GGUF name, in the layout llama.cpp expects (Q/K rows permuted for Llama's
+  RoPE, GPT-2's ``Conv1D`` weights transposed, BitNet projections as ternary codes plus a per-tensor scale).
 * **tensor types** -- one :class:`OutType` per ``--outtype`` in :data:`GGUF_OUTTYPES` (``f32``, ``f16``,
-  ``bf16``, ``q8_0``). It picks the storage type of each tensor (1-D tensors always stay f32, as in llama.cpp)
-  and encodes it.
+  ``bf16``, ``q8_0``, and ``tq2_0``/``tq1_0`` for BitNet students). It picks the storage type of each tensor
+  (1-D tensors always stay f32, as in llama.cpp) and encodes it.
 * **the tokenizer** -- :func:`add_tokenizer` writes ``tokenizer.ggml.*``: model, pre-tokenizer, tokens, token
   types, merges, special token ids, whether BOS/EOS are added, and the chat template.
 
