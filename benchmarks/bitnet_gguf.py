@@ -12,7 +12,8 @@ Two students, both untrained (sizes and speed do not depend on the weights' valu
   feed-forward 2816 (11 × 256): every projection ternary-packed.
 
 For each outtype: bytes on disk, against the same student as an f16 GGUF and its weights in fp16, the tensor
-types, and llama.cpp's speed (prompt of 128 tokens, then 64 greedy tokens; ``--threads``, default 2).
+types, and llama.cpp's speed (prompt of 128 tokens, then 64 greedy tokens; ``--threads``, default 2), timed
+interleaved over ``--repeats`` rounds (default 3), medians reported.
 """
 
 from __future__ import annotations
@@ -72,21 +73,29 @@ def speed(path: Path, prompt: list[int], threads: int, new_tokens: int = 64) -> 
         llm.close()
 
 
-def run(name: str, student, tokenizer, threads: int) -> list[dict]:
+def run(name: str, student, tokenizer, threads: int, repeats: int) -> list[dict]:
+    """Export every outtype, then time them interleaved (``repeats`` rounds), reporting medians."""
+    import statistics
+
     from distily.export import export
 
-    rows = []
     text = Path(__file__).read_text()
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:128]
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "student"
         student.save_pretrained(source)
         tokenizer.save_pretrained(source)
-        for outtype in OUTTYPES:
-            result = export(source, ["gguf"], outtype, Path(folder) / f"{name}-{outtype}.gguf")
-            sizes = result.gguf_sizes
-            prefill, decode = speed(result.files["gguf"][0], prompt, threads)
-            row = {"model": name, **sizes, "prompt_tok_s": round(prefill, 1), "gen_tok_s": round(decode, 1)}
+        results = {o: export(source, ["gguf"], o, Path(folder) / f"{name}-{o}.gguf") for o in OUTTYPES}
+        timings = {o: [] for o in OUTTYPES}
+        for _ in range(repeats):
+            for outtype, result in results.items():
+                timings[outtype].append(speed(result.files["gguf"][0], prompt, threads))
+        for outtype, result in results.items():
+            prefill = statistics.median(t[0] for t in timings[outtype])
+            decode = statistics.median(t[1] for t in timings[outtype])
+            row = {"model": name, **result.gguf_sizes, "prompt_tok_s": round(prefill, 1), "gen_tok_s": round(decode, 1)}
+            row["gen_tok_s_all"] = [round(t[1], 1) for t in timings[outtype]]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -96,12 +105,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("demo", "wide"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; medians are reported")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()}")
     for name, build in (("demo", demo_student), ("wide", wide_student)):
         if args.only in (None, name):
             student, tokenizer = build()
-            run(name, student, tokenizer, args.threads)
+            run(name, student, tokenizer, args.threads, args.repeats)
     print(f"load average at end: {os.getloadavg()}")
 
 
