@@ -82,7 +82,7 @@ def export_command(argv: list[str]) -> int:
     from .config import ExportConfig
     from .export import export
 
-    usage = "distily export RUN_DIR --format safetensors|gguf --outtype f32|f16|bf16|q8_0 --output PATH"
+    usage = "distily export RUN_DIR --format safetensors|gguf --outtype f32|f16|bf16|q8_0|tq2_0|tq1_0 --output PATH"
     source, rest = _positional(argv, "RUN_DIR (the run folder to export)", usage)
     (config,) = parse_with_yaml(rest, classes=(ExportConfig,), prog="distily export RUN_DIR")
     result = export(

@@ -475,8 +475,8 @@ class ExportArguments:
     export_outtype: str | None = field(
         default=None,
         metadata={
-            "help": "Weight type of the export: f32, f16, bf16 or (GGUF only) q8_0. Default: f32 for "
-            "safetensors, f16 for GGUF."
+            "help": "Weight type of the export: f32, f16, bf16 or (GGUF only) q8_0, tq2_0, tq1_0 (BitNet). "
+            "Default: f32 for safetensors, f16 for GGUF."
         },
     )
     export_dir: str | None = field(
@@ -516,7 +516,8 @@ class ExportConfig:
     outtype: str | None = field(
         default=None,
         metadata={
-            "help": "Weight type: f32, f16, bf16 or (GGUF only) q8_0. Default: f32 for safetensors, f16 for GGUF."
+            "help": "Weight type: f32, f16, bf16 or (GGUF only) q8_0, tq2_0, tq1_0 (BitNet students). Default: f32 for "
+            "safetensors, f16 for GGUF."
         },
     )
     output: str | None = field(

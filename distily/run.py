@@ -233,7 +233,9 @@ def train(
     if export_args.formats:
         from .export import check_exportable
 
-        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_args.teacher)
+        check_exportable(
+            student, tokenizer, export_args.formats, teacher=teacher_args.teacher, outtype=export_args.export_outtype
+        )
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
     with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache

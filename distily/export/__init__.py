@@ -48,6 +48,7 @@ class ExportResult:
     outtypes: dict[str, str] = field(default_factory=dict)
     card: Path | None = None
     gguf_tokenizer_pre: str | None = None
+    gguf_sizes: dict | None = None
     hub_url: str | None = None
 
 
@@ -91,15 +92,24 @@ def merge_adapter(model_dir: Path):
     return model.merge_and_unload()
 
 
-def check_exportable(model, tokenizer, formats, teacher: str | None = None, gguf_tokenizer_pre: str | None = None):
-    """Fail now, not after training, if ``model``/``tokenizer`` cannot be exported to ``formats``."""
+def check_exportable(
+    model,
+    tokenizer,
+    formats,
+    teacher: str | None = None,
+    gguf_tokenizer_pre: str | None = None,
+    outtype: str | None = None,
+):
+    """Fail now, not after training, if ``model``/``tokenizer`` cannot be exported to ``formats`` (as ``outtype``)."""
     if "gguf" not in formats:
         return
     import gguf as gguf_package
 
-    from .gguf import add_tokenizer, gguf_architecture
+    from .gguf import add_tokenizer, check_outtype_fits, gguf_architecture
 
-    gguf_architecture(model.config).check()
+    architecture = gguf_architecture(model.config)
+    architecture.check()
+    check_outtype_fits(architecture, outtype or DEFAULT_OUTTYPES["gguf"])
     # A throw-away writer: resolves the tokenizer's GGUF metadata (model type, pre-tokenizer) without a file.
     add_tokenizer(
         gguf_package.GGUFWriter(path=None, arch="llama"),
@@ -196,9 +206,10 @@ def export(
     name = name or source.resolve().name
     teacher = _run_teacher(source)
     model, tokenizer = load_student(source)
-    check_exportable(model, tokenizer, formats, teacher, gguf_tokenizer_pre)  # fail before anything is written
+    check_exportable(model, tokenizer, formats, teacher, gguf_tokenizer_pre, outtypes.get("gguf"))  # before writing
 
     result = ExportResult(output=output, outtypes=outtypes)
+    fp16_student_bytes = _fp16_bytes(model)  # before any export casts the model in place
     if single_file:
         from .gguf import write_gguf
 
@@ -206,6 +217,7 @@ def export(
             report = write_gguf(
                 model, tokenizer, tmp, outtypes["gguf"], name=name, tokenizer_pre=gguf_tokenizer_pre, teacher=teacher
             )
+            result.gguf_sizes = gguf_sizes(report, fp16_student_bytes)  # while the file is still at tmp
         result.files["gguf"] = [output]
         result.gguf_tokenizer_pre = report.tokenizer_pre
         logger.info("Wrote %s (%s).", output, outtypes["gguf"])
@@ -233,6 +245,7 @@ def export(
             )
             files["gguf"] = [gguf_path]
             result.gguf_tokenizer_pre = report.tokenizer_pre
+            result.gguf_sizes = gguf_sizes(report, fp16_student_bytes)
         if "safetensors" in formats:
             from .safetensors import write_safetensors
 
@@ -242,7 +255,9 @@ def export(
                 shutil.copy2(source / extra, tmp / extra)
         card_path = None
         if model_card:
-            card_path = _write_card(source, tmp, files, student_config, student_parameters, name, license)
+            card_path = _write_card(
+                source, tmp, files, student_config, student_parameters, name, license, result.gguf_sizes
+            )
         final_files = {fmt: [output / p.relative_to(tmp) for p in paths] for fmt, paths in files.items()}
         manifest = {
             **provenance(),
@@ -255,6 +270,7 @@ def export(
             "files": {fmt: [p.name for p in paths] for fmt, paths in files.items()},
             "sizes_bytes": {fmt: sum(p.stat().st_size for p in paths) for fmt, paths in files.items()},
             "gguf_tokenizer_pre": result.gguf_tokenizer_pre,
+            "gguf": result.gguf_sizes,
         }
         # Written last: a folder with this manifest is a complete export.
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -268,7 +284,28 @@ def export(
     return result
 
 
-def _write_card(source, folder, files, student_config, student_parameters, name, license) -> Path:
+def _fp16_bytes(model) -> int:
+    """Bytes of the student's weights in float16: every unique parameter and buffer, 2 bytes per value."""
+    from ..bitnet import fp16_bytes
+
+    return fp16_bytes(model)
+
+
+def gguf_sizes(report, fp16_student_bytes: int) -> dict:
+    """The size facts of a GGUF export (manifest ``gguf`` entry, model card): bytes on disk against the same
+    student as an f16 GGUF and as fp16 weights, and how many tensors got each GGML type."""
+    return {
+        "outtype": report.outtype,
+        "architecture": report.architecture,
+        "bytes": report.size_bytes,
+        "f16_gguf_bytes": report.f16_size_bytes,
+        "fp16_student_bytes": fp16_student_bytes,
+        "ratio_vs_f16_gguf": round(report.size_bytes / report.f16_size_bytes, 4),
+        "tensor_types": report.type_summary(),
+    }
+
+
+def _write_card(source, folder, files, student_config, student_parameters, name, license, gguf_info=None) -> Path:
     from .model_card import DEFAULT_LICENSE, LOSS_CURVE, card_context, plot_loss_curve, render_model_card
 
     state_path = source / "trainer_state.json"
@@ -282,6 +319,7 @@ def _write_card(source, folder, files, student_config, student_parameters, name,
         model_name=name,
         license=license or DEFAULT_LICENSE,
         loss_curve=curve,
+        gguf_sizes=gguf_info,
     )
     card = folder / "README.md"
     card.write_text(render_model_card(context), encoding="utf-8")

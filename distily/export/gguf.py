@@ -3,12 +3,12 @@
 A GGUF file holds three things, each with its own seam here:
 
 * **architecture metadata and tensors** -- one :class:`GGUFArchitecture` per transformers ``model_type`` in
-  :data:`GGUF_ARCHITECTURES` (``llama``, ``gpt2``). It writes the hyper-parameters llama.cpp reads and yields
-  every tensor under its GGUF name, in the layout llama.cpp expects (Q/K rows permuted for Llama's RoPE,
-  GPT-2's ``Conv1D`` weights transposed).
+  :data:`GGUF_ARCHITECTURES` (``llama``, ``gpt2``, ``bitnet``). It writes the hyper-parameters llama.cpp reads
+  and yields every tensor under its GGUF name, in the layout llama.cpp expects (Q/K rows permuted for Llama's
+  RoPE, GPT-2's ``Conv1D`` weights transposed, BitNet projections as ternary codes plus a per-tensor scale).
 * **tensor types** -- one :class:`OutType` per ``--outtype`` in :data:`GGUF_OUTTYPES` (``f32``, ``f16``,
-  ``bf16``, ``q8_0``). It picks the storage type of each tensor (1-D tensors always stay f32, as in llama.cpp)
-  and encodes it.
+  ``bf16``, ``q8_0``, and ``tq2_0``/``tq1_0`` for BitNet students). It picks the storage type of each tensor
+  (1-D tensors always stay f32, as in llama.cpp) and encodes it.
 * **the tokenizer** -- :func:`add_tokenizer` writes ``tokenizer.ggml.*``: model, pre-tokenizer, tokens, token
   types, merges, special token ids, whether BOS/EOS are added, and the chat template.
 
@@ -54,31 +54,46 @@ def register_gguf_outtype(name: str, *, override: bool = False):
 class OutType:
     """How weights are stored for one ``--outtype``: the GGUF file type and the type of each tensor.
 
-    ``matrix_type`` is used for 2-D weights; 1-D tensors (norms, biases) stay f32 like llama.cpp's own
-    converter does. A matrix whose rows do not split into whole quantisation blocks falls back to
-    ``fallback_type`` (f16), which llama.cpp does too.
+    ``matrix_type`` is used for 2-D weights; 1-D tensors (norms, biases, ternary scales) stay f32 like
+    llama.cpp's own converter does. ``ternary_type`` (TQ1_0 / TQ2_0) is used for the ternary projections of a
+    BitNet student, and only an architecture with ternary tensors accepts such an outtype. A matrix whose rows do
+    not split into whole blocks of its type falls back to ``fallback_type``, and to f16 when those blocks do not
+    fit either (llama.cpp does the same).
     """
 
     name: str
     file_type: int
     matrix_type: int
     fallback_type: int | None = None
+    ternary_type: int | None = None
 
-    def tensor_type(self, gguf_name: str, shape: tuple[int, ...]):
-        """The ``GGMLQuantizationType`` for one tensor (``shape`` in PyTorch order: rows, columns)."""
+    @property
+    def needs_ternary(self) -> bool:
+        """True for outtypes that only store ternary weights (TQ1_0, TQ2_0)."""
+        return self.ternary_type is not None
+
+    def tensor_type(self, gguf_name: str, shape: tuple[int, ...], ternary: bool = False):
+        """The ``GGMLQuantizationType`` for one tensor (``shape`` in PyTorch order: rows, columns).
+
+        ``ternary``: the tensor holds only -1, 0 and 1 (a BitNet projection); it gets ``ternary_type`` if set.
+        """
         import gguf
 
         if len(shape) < 2:
             return gguf.GGMLQuantizationType.F32
-        qtype = gguf.GGMLQuantizationType(self.matrix_type)
-        block, _ = gguf.GGML_QUANT_SIZES[qtype]
-        if shape[-1] % block != 0:
-            fallback = gguf.GGMLQuantizationType(self.fallback_type or gguf.GGMLQuantizationType.F16)
-            logger.info(
-                "%s: %d columns are not a multiple of %d; stored as %s.", gguf_name, shape[-1], block, fallback.name
-            )
-            return fallback
-        return qtype
+        preferred = self.ternary_type if ternary and self.ternary_type is not None else self.matrix_type
+        candidates = [preferred, self.fallback_type, gguf.GGMLQuantizationType.F16]
+        for candidate in (gguf.GGMLQuantizationType(c) for c in candidates if c is not None):
+            block, _ = gguf.GGML_QUANT_SIZES[candidate]
+            if shape[-1] % block == 0:
+                if candidate != preferred:  # the export log lists these tensors together (write_gguf)
+                    logger.debug(
+                        "%s: %d columns are not a multiple of the %d-value blocks of %s; stored as %s.",
+                        gguf_name, shape[-1], gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(preferred)][0],
+                        gguf.GGMLQuantizationType(preferred).name, candidate.name,
+                    )  # fmt: skip
+                return candidate
+        return gguf.GGMLQuantizationType.F32
 
     def encode(self, array: np.ndarray, qtype) -> np.ndarray:
         """``array`` (float32) stored as ``qtype``: a float array, or raw bytes for block-quantised types."""
@@ -100,6 +115,11 @@ def _builtin_outtypes() -> None:
         OutType("f16", file_type.MOSTLY_F16, quant.F16),
         OutType("bf16", file_type.MOSTLY_BF16, quant.BF16),
         OutType("q8_0", file_type.MOSTLY_Q8_0, quant.Q8_0, fallback_type=quant.F16),
+        # BitNet students: ternary projections in 256-value blocks (2.06 / 1.69 bits per weight); the embeddings
+        # in f16 as llama.cpp's converter does; ternary rows that are not a multiple of 256 in Q8_0 (exact up to
+        # 6e-5 relative: ±1 is stored as ±127 · fp16(1/127)), or f16 when not a multiple of 32 (exact).
+        OutType("tq2_0", file_type.MOSTLY_TQ2_0, quant.F16, fallback_type=quant.Q8_0, ternary_type=quant.TQ2_0),
+        OutType("tq1_0", file_type.MOSTLY_TQ1_0, quant.F16, fallback_type=quant.Q8_0, ternary_type=quant.TQ1_0),
     ):
         register_gguf_outtype(outtype.name)(outtype)
 
@@ -144,6 +164,15 @@ class GGUFArchitecture:
     def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor in the layout llama.cpp expects (identity by default)."""
         return tensor
+
+    def is_ternary(self, gguf_name: str) -> bool:
+        """Whether the tensor yielded under ``gguf_name`` holds only -1, 0 and 1 (a BitNet projection)."""
+        return False
+
+    @property
+    def has_ternary(self) -> bool:
+        """Whether this architecture writes ternary tensors (what the TQ1_0 / TQ2_0 outtypes need)."""
+        return False
 
     def skip(self, hf_name: str) -> bool:
         """Tensors llama.cpp does not store (buffers, a tied output head)."""
@@ -291,6 +320,111 @@ class GPT2Architecture(GGUFArchitecture):
 
     def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.T.contiguous() if hf_name.endswith(self.CONV1D) else tensor
+
+
+@register_gguf_architecture("bitnet")
+class BitNetArchitecture(LlamaArchitecture):
+    """BitNet b1.58 students (``BitNetForCausalLM``, see :mod:`distily.bitnet`) as llama.cpp's ``bitnet`` graph.
+
+    That graph is the Llama block plus the two SubLN norms (``attn_sub_norm`` before ``attn_output``,
+    ``ffn_sub_norm`` before ``ffn_down``) and an optional per-tensor ``<name>.scale`` multiplied into each
+    projection's output. Each projection is written as its ternary codes ``W_t`` (exactly -1, 0, 1) plus ``γ`` as
+    an f32 ``.scale``: the product ``(x · W_t) · γ`` is what :class:`~distily.bitnet.BitLinear` computes, with γ
+    kept in float32 (TQ blocks then get scale 1, so the codes are stored exactly). Codes and γ come from the
+    latent weights by :func:`~distily.bitnet.absmean_quantize` (a run folder or checkpoint), or from the packed
+    ``weight``/``weight_scale`` pair (a ``packed/`` folder loaded with transformers).
+
+    llama.cpp's ``bitnet`` arch uses NEOX RoPE (rotate-half, as transformers), so q/k are *not* permuted; it
+    hard-codes SiLU and takes logits from ``token_embd`` (the LM head must be tied).
+    """
+
+    PROJECTIONS = tuple(f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
+        f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")
+    )
+    # HF BitNet names -> the names gguf-py's tensor map knows for the same tensors (1bitLLM's).
+    SUB_NORM_ALIASES = (
+        (".self_attn.attn_sub_norm.", ".self_attn.inner_attn_ln."),
+        (".mlp.ffn_sub_norm.", ".mlp.ffn_layernorm."),
+    )
+
+    @property
+    def gguf_arch(self):
+        import gguf
+
+        return gguf.MODEL_ARCH.BITNET
+
+    @property
+    def has_ternary(self) -> bool:
+        return True
+
+    def check(self) -> None:
+        super().check()
+        if not getattr(self.config, "tie_word_embeddings", False):
+            raise ExportError(
+                "GGUF export: llama.cpp's bitnet graph computes the logits with the token embedding (it loads no "
+                "output matrix), but this BitNet student has an untied LM head (tie_word_embeddings=false). "
+                "Distil from a teacher with tied embeddings (SmolLM2 has them), or export to safetensors."
+            )
+        head_dim = self.head_dim()
+        if head_dim * self.config.num_attention_heads != self.config.hidden_size:
+            raise ExportError(
+                f"GGUF export: llama.cpp's bitnet graph needs num_attention_heads·head_dim = hidden_size, got "
+                f"{self.config.num_attention_heads}·{head_dim} != {self.config.hidden_size}."
+            )
+
+    def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # NEOX RoPE: the halves layout of transformers is what llama.cpp's bitnet graph rotates
+
+    def is_ternary(self, gguf_name: str) -> bool:
+        return gguf_name.endswith(".weight") and gguf_name.split(".")[-2] in (
+            "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+        )  # fmt: skip
+
+    def ternary_projections(self, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module name: (W_t float32, γ float32 scalar)}`` for every decoder projection in ``state_dict``."""
+        from ..bitnet import absmean_quantize, unpack_ternary
+
+        out = {}
+        for name, tensor in state_dict.items():
+            module = name.removesuffix(".weight")
+            if not (name.endswith(".weight") and module.endswith(self.PROJECTIONS)):
+                continue
+            scale = state_dict.get(f"{module}.weight_scale")
+            if scale is None:  # latent weights (a run folder or checkpoint): quantise as BitLinear does
+                values, gamma = absmean_quantize(tensor)
+            else:  # packed export: codes (unpacked by transformers, or still uint8) and γ
+                values = unpack_ternary(tensor) if tensor.dtype == torch.uint8 else tensor
+                values, gamma = values.detach().float().cpu(), scale.detach().float().reshape(())
+                if values.numel() and not torch.equal(values, values.round().clamp(-1, 1)):
+                    raise ExportError(f"{name!r} has a weight_scale but its weights are not ternary.")
+            out[module] = (values.cpu(), gamma.cpu())
+        return out
+
+    def tensors(self, state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor as in the Llama layout (no permutation), each projection as ``W_t`` plus ``.scale`` [γ]."""
+        import gguf
+
+        names = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
+        ternary = self.ternary_projections(state_dict)
+        for hf_name, tensor in state_dict.items():
+            if self.skip(hf_name) or hf_name.endswith(".weight_scale"):
+                continue
+            lookup = hf_name
+            for hf, alias in self.SUB_NORM_ALIASES:
+                lookup = lookup.replace(hf, alias)
+            gguf_name = names.get_name(lookup, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(
+                    f"Tensor {hf_name!r} has no GGUF name in llama.cpp's bitnet architecture; this BitNet student "
+                    "cannot be exported to GGUF as it is."
+                )
+            module = hf_name.removesuffix(".weight")
+            if module in ternary:
+                values, gamma = ternary[module]
+                yield gguf_name, values
+                yield gguf_name.removesuffix(".weight") + ".scale", gamma.reshape(1)
+            else:
+                yield gguf_name, tensor.detach().to(torch.float32).cpu()
 
 
 def gguf_architecture(config) -> GGUFArchitecture:
@@ -473,19 +607,49 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None = None, te
 # Writing
 
 
+def check_outtype_fits(architecture: GGUFArchitecture, outtype: str) -> None:
+    """TQ1_0 / TQ2_0 store ternary weights: refuse them for a student that has none."""
+    entry: OutType = GGUF_OUTTYPES[outtype]
+    if entry.needs_ternary and not architecture.has_ternary:
+        raise ExportError(
+            f"--outtype {outtype} stores ternary weights (-1, 0, 1), but this {type(architecture.config).__name__} "
+            f"student has full-precision weights. Use f16, bf16 or q8_0, or distil a BitNet student "
+            "(--student_config '{\"bitnet\": true}', docs/bitnet.md)."
+        )
+
+
+GGUF_ALIGNMENT = 32  # bytes; gguf-py's default, every tensor's data is padded to it
+
+
+def _padded(size: int) -> int:
+    return -(-size // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+
+
 @dataclass
 class GGUFReport:
-    """What :func:`write_gguf` wrote: the file, its architecture, pre-tokenizer and tensor types."""
+    """What :func:`write_gguf` wrote: the file, its architecture, pre-tokenizer and the type of every tensor.
+
+    ``f16_size_bytes`` is the exact size the same file would have with ``--outtype f16`` (same metadata, every
+    matrix in f16), for the size comparison in the export log and manifest.
+    """
 
     path: Path
     architecture: str
     outtype: str
     tokenizer_pre: str
     tensor_types: dict[str, str]
+    f16_size_bytes: int | None = None
 
     @property
     def size_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def type_summary(self) -> dict[str, int]:
+        """``{GGML type: number of tensors}``."""
+        counts: dict[str, int] = {}
+        for qtype in self.tensor_types.values():
+            counts[qtype] = counts.get(qtype, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def write_gguf(
@@ -501,13 +665,15 @@ def write_gguf(
 ) -> GGUFReport:
     """Write ``model`` and ``tokenizer`` to the GGUF file ``path`` (the caller makes it atomic).
 
-    ``metadata`` adds ``general.*`` string keys (``license``, ``description``, ...).
+    ``metadata`` adds ``general.*`` string keys (``license``, ``description``, ...). The log states the type of
+    every tensor that is not f32 or the outtype's main type, and the file size against an f16 export.
     """
     import gguf
 
     outtype_entry: OutType = GGUF_OUTTYPES[outtype]
     architecture = gguf_architecture(model.config)
     architecture.check()
+    check_outtype_fits(architecture, outtype)
     writer = gguf.GGUFWriter(path=None, arch=architecture.arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
     if name:
@@ -521,15 +687,29 @@ def write_gguf(
     pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre=tokenizer_pre, teacher=teacher)
 
     types: dict[str, str] = {}
+    data_bytes = f16_data_bytes = 0
     for gguf_name, tensor in architecture.tensors(model.state_dict()):
         array = tensor.numpy()
-        qtype = outtype_entry.tensor_type(gguf_name, array.shape)
+        qtype = outtype_entry.tensor_type(gguf_name, array.shape, ternary=architecture.is_ternary(gguf_name))
         encoded = outtype_entry.encode(array, qtype)
         writer.add_tensor(gguf_name, encoded, raw_dtype=qtype)  # byte shapes are converted by the writer
         types[gguf_name] = qtype.name
+        data_bytes += _padded(encoded.nbytes)
+        f16_data_bytes += _padded(array.size * (4 if array.ndim < 2 else 2))
     path = Path(path)
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return GGUFReport(path, architecture.arch_name, outtype, pre, types)
+    report = GGUFReport(path, architecture.arch_name, outtype, pre, types)
+    report.f16_size_bytes = report.size_bytes - data_bytes + f16_data_bytes
+    main = {gguf.GGMLQuantizationType(t).name for t in (outtype_entry.matrix_type, outtype_entry.ternary_type) if t}
+    others = {n: t for n, t in types.items() if t not in main and t != "F32"}
+    if others:
+        logger.info("%s: tensors not stored as %s: %s", path.name, "/".join(sorted(main)), others)
+    logger.info(
+        "%s (%s, %s): %s bytes on disk vs %s for an f16 GGUF (%.1f%%); tensors by type: %s.",
+        path.name, architecture.arch_name, outtype, f"{report.size_bytes:,}", f"{report.f16_size_bytes:,}",
+        100 * report.size_bytes / report.f16_size_bytes, report.type_summary(),
+    )  # fmt: skip
+    return report

@@ -282,8 +282,12 @@ def card_context(
     model_name: str,
     license: str = DEFAULT_LICENSE,
     loss_curve: str | None = None,
+    gguf_sizes: dict | None = None,
 ) -> dict[str, Any]:
-    """Everything the template shows, gathered from the run folder and the exported files."""
+    """Everything the template shows, gathered from the run folder and the exported files.
+
+    ``gguf_sizes``: the size facts of the GGUF file (:func:`distily.export.gguf_sizes`), shown under the table.
+    """
     from .. import __version__
 
     run_dir = Path(run_dir)
@@ -333,6 +337,7 @@ def card_context(
         "license": license,
         "formats": sorted(exported_files),
         "export_sizes": {fmt: human_bytes(size) for fmt, size in sizes.items()},
+        "gguf_sizes": gguf_sizes,
         "export_files": {fmt: [p.name for p in files] for fmt, files in exported_files.items()},
         "teacher": teacher,
         "teacher_size": human_bytes(teacher.get("size_bytes")),
