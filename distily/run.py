@@ -382,6 +382,7 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
     from .teacher.recorded import CacheError, TeacherCache
 
     cache = TeacherCache(config.teacher_cache)
+    cache.check_compatible(seq_len=config.seq_len, temperature=config.temperature, loss=config.loss)
     tokenizer = cache.load_tokenizer()
     set_seed(config.seed)
     if student_args.student:

@@ -440,3 +440,36 @@ def test_vllm_backend_without_vllm_says_what_to_install(tmp_path, teacher_dir, t
         record(*record_args(teacher_dir, text_corpus, tmp_path / "c", backend="vllm"), progress=False)
     with pytest.raises(ConfigError, match="temperature 1"):
         RecordConfig(output="x", backend="vllm", temperature=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_record_and_train_from_the_command_line(tmp_path, teacher_dir, text_corpus, capsys):
+    from distily.cli import main
+
+    cache = tmp_path / "cli_cache"
+    data = [
+        "--dataset",
+        str(text_corpus),
+        "--eval_fraction",
+        "0.1",
+        "--max_train_blocks",
+        "6",
+        "--max_eval_blocks",
+        "3",
+    ]
+    flags = ["--teacher", str(teacher_dir), *data, "--seq_len", str(SEQ), "--top_k", "8", "--output", str(cache)]
+    assert main(["record", *flags, "--rows_per_shard", "4", "--device", "cpu"]) == 0
+    assert "bytes/token" in capsys.readouterr().out
+    manifest = TeacherCache(cache).manifest
+    assert manifest["identity"]["top_k"] == 8 and len(manifest["splits"]["train"]["shards"]) == 2
+    run = ["--teacher_cache", str(cache), *data, "--student_config", '{"num_hidden_layers": 2}', "--student_init"]
+    run += ["random", "--max_steps", "2", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no"]
+    assert main([*run, "--seq_len", str(SEQ), "--output_dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "distily_run.json").read_text())["status"] == "finished"
+    # A cache recorded at another seq_len: one line naming the difference, exit status 2, nothing written.
+    assert main([*run, "--seq_len", "16", "--output_dir", str(tmp_path / "refused")]) == 2
+    assert "--seq_len 16 differs" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
