@@ -1,7 +1,7 @@
 """The recorded teacher on the demo setting: cache size, recording throughput, step time, and students by k.
 
-    python benchmarks/bench_record.py                 # small default (a few minutes on 2 CPU cores)
-    python benchmarks/bench_record.py --train_blocks 2048 --steps 500 --seq 512 --ks 8,32,64,128   # fuller
+    python benchmarks/bench_record.py                 # small default (~20 min on 2 busy CPU cores)
+    python benchmarks/bench_record.py --train_blocks 2048 --eval_blocks 64 --seq 512 --steps 500 --repeats 7
 
 1. **Recording**: SmolLM2-135M-Instruct over ``--train_blocks`` python-stdlib blocks of ``--seq`` tokens (and
    ``--eval_blocks`` eval blocks), once per k in ``--ks`` (the teacher loaded once): bytes per token on disk and
@@ -151,14 +151,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--train_blocks", type=int, default=64)
-    parser.add_argument("--eval_blocks", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--train_blocks", type=int, default=24)
+    parser.add_argument("--eval_blocks", type=int, default=8)
     parser.add_argument("--ks", default="8,32,64,128")
     parser.add_argument("--record_batch", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per student (k sweep)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per student (k sweep)")
     parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip_steps", action="store_true")
