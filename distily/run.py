@@ -239,7 +239,8 @@ def train(
     if export_args.formats:
         from .export import check_exportable
 
-        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_args.teacher)
+        teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
+        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_name)
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
     with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache
