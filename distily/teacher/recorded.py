@@ -309,6 +309,8 @@ def block_hash(input_ids: Tensor) -> int:
 # Recording
 
 
+# What training reads per row.
+ROW_TENSORS = ("top_ids", "top_logprobs", "tail_logprob", "input_hash", "teacher_nll")
 SETTING_KEYS = ("seq_len", "top_k", "temperature", "logprob_dtype", "id_dtype", "rows_per_shard", "vocab_size")
 
 
@@ -600,6 +602,7 @@ class TeacherCache:
         self.settings = {key: identity[key] for key in SETTING_KEYS}
         self.identity = identity
         self._handles: dict[tuple[str, int], Any] = {}
+        self._slice_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self._verified: set[tuple[str, int]] = set()
         self._rows: dict[str, np.ndarray] = {}
         if verify == "all":
@@ -724,6 +727,14 @@ class TeacherCache:
             self._handles[key] = safe_open(str(self.path / _shard_name(split, shard)), framework="pt")
         return self._handles[key]
 
+    def _slices(self, split: str, shard: int) -> dict[str, Any]:
+        """The shard's tensors as lazy slices (reading ``[a:b]`` touches only those rows of the memory map)."""
+        key = (split, shard)
+        if key not in self._slice_cache:
+            handle = self._handle(split, shard)
+            self._slice_cache[key] = {name: handle.get_slice(name) for name in ROW_TENSORS}
+        return self._slice_cache[key]
+
     def row_of_block(self, split: str) -> np.ndarray:
         """For each block index, its row in the recording of ``split`` (−1: not recorded)."""
         if split not in self._rows:
@@ -760,13 +771,12 @@ class TeacherCache:
         """``top_ids`` (int64), ``top_logprobs``, ``tail_logprob`` (float32), ``input_hash``, ``teacher_nll`` of
         ``rows``, in that order, each read from its memory-mapped shard (only those rows are touched)."""
         per_shard = self.settings["rows_per_shard"]
-        names = ("top_ids", "top_logprobs", "tail_logprob", "input_hash", "teacher_nll")
-        parts: dict[str, list[Tensor]] = {name: [] for name in names}
+        parts: dict[str, list[Tensor]] = {name: [] for name in ROW_TENSORS}
         for row in rows.tolist():
-            handle = self._handle(split, row // per_shard)
+            slices = self._slices(split, row // per_shard)
             local = row % per_shard
-            for name in names:
-                parts[name].append(handle.get_slice(name)[local : local + 1])
+            for name in ROW_TENSORS:
+                parts[name].append(slices[name][local : local + 1])
         out = {name: torch.cat(value) for name, value in parts.items()}
         out["top_ids"] = out["top_ids"].to(torch.int64)
         out["top_logprobs"] = out["top_logprobs"].float()
@@ -818,6 +828,7 @@ class TeacherCache:
         )
 
     def close(self) -> None:
+        self._slice_cache.clear()
         self._handles.clear()
 
 
