@@ -488,7 +488,6 @@ def record(
 
     datasets_by_split = {"train": data.train, "eval": data.eval}
     total_tokens = sum(len(ds) for ds in datasets_by_split.values()) * config.seq_len
-    done_tokens = 0
     new_shards = 0
     started, recorded_tokens = time.perf_counter(), 0
     bar = tqdm(total=total_tokens, unit="tok", desc="Recording teacher", disable=not progress)
@@ -516,7 +515,6 @@ def record(
                     }
                     manifest["splits"][split] = entry
                     write_json_atomic(output / MANIFEST, manifest)
-                done_tokens += (stop - start) * config.seq_len
                 bar.update((stop - start) * config.seq_len)
                 continue
             if stop_after_shards is not None and new_shards >= stop_after_shards:
