@@ -1,4 +1,4 @@
-"""One distillation training step, side by side: the floor, distily, TRL (and a recorded teacher, when built).
+"""One distillation training step, side by side: the floor, distily, TRL, a recorded teacher, the student alone.
 
     python benchmarks/bench_step.py            # the full benchmark (CPU: ~15 min), markdown on stdout
     python benchmarks/bench_step.py --quick    # a smoke run: fewer repeats, a smaller scaling table
@@ -11,8 +11,11 @@ Modes, each one optimizer step on the same student, teacher and batch (forward K
 * ``distily_plain``    the same with ``--chunked_loss false`` (full logits for the whole batch);
 * ``trl``              TRL's off-policy KD on a fixed batch: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0``
                        (never generates) and ``beta=0`` (its generalised JSD is then forward KL);
-* ``distily_recorded`` distily with a recorded (cached) teacher: a hook for when that exists
-                       (``RECORDED_TEACHER_MODE`` below); until then it is reported as n/a.
+* ``distily_recorded`` distily with a recorded teacher (``--teacher_cache``, top-k 64 + tail): the batch's
+                       blocks are recorded first (python-stdlib blocks as training packs them; a batch of the
+                       same shape as the other modes', other tokens), then each step reads them from the cache;
+* ``student_ce``       the student alone, plain cross-entropy (``alpha=0``, no teacher): what a recorded
+                       teacher's step is compared with.
 
 Step time is measured in one process, the modes interleaved and repeated, medians reported (wall and CPU
 seconds: on a shared machine the CPU time is the steadier of the two). Peak memory is measured per mode in a
@@ -38,17 +41,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-MODES = ("floor", "distily", "distily_plain", "trl", "distily_recorded")
+MODES = ("floor", "distily", "distily_plain", "trl", "distily_recorded", "student_ce")
 SCALING_MODES = ("distily", "distily_plain", "trl")
-# Set this to a function (setup, student) -> Stepper once the recorded teacher (issue 4) exists.
-RECORDED_TEACHER_MODE: Callable | None = None
-NOT_BUILT = "n/a (recorded teacher not built yet)"
+NOT_BUILT = "n/a (not built)"
+RECORDED_TOP_K = 64
 MIB = 2**20
 
 
@@ -217,6 +218,38 @@ def distily_mode(setup: Setup, student, chunked: str = "auto") -> Stepper:
     return Stepper(trainer, student, setup.batch, setup.bf16)
 
 
+def student_ce_mode(setup: Setup, student) -> Stepper:
+    from distily import DistillationConfig, DistillationTrainer
+
+    seq = setup.batch["input_ids"].shape[1]
+    config = _training_args(DistillationConfig, setup, seq_len=seq, alpha=0.0)
+    trainer = DistillationTrainer(model=student, args=config, processing_class=setup.tokenizer)
+    return Stepper(trainer, student, setup.batch, setup.bf16)
+
+
+def recorded_mode(setup: Setup, student, top_k: int = RECORDED_TOP_K) -> Stepper:
+    """distily on a recorded teacher: records ``batch`` python-stdlib blocks (once per work folder), then trains."""
+    from distily import DistillationConfig, DistillationTrainer
+    from distily.config import DataArguments, TeacherArguments
+    from distily.data import BlockCollator, prepare_datasets
+    from distily.teacher.recorded import RecordConfig, record
+
+    rows, seq = setup.batch["input_ids"].shape
+    cache = setup.workdir / f"cache-k{top_k}"
+    data_args = DataArguments(dataset="python-stdlib", max_train_blocks=rows, max_eval_blocks=1)
+    config = RecordConfig(
+        output=str(cache), top_k=top_k, seq_len=seq, batch_size=rows, device=str(setup.device), rows_per_shard=rows
+    )
+    teacher_args = TeacherArguments(teacher=setup.teacher.name_or_path)
+    record(teacher_args, data_args, config, teacher=setup.teacher, tokenizer=setup.tokenizer, progress=False)
+    blocks = prepare_datasets(data_args, setup.tokenizer, seq, block_index=True).train
+    batch = BlockCollator(setup.tokenizer.pad_token_id)([blocks[i] for i in range(rows)])
+    batch = {name: value.to(setup.device) for name, value in batch.items()}
+    args = _training_args(DistillationConfig, setup, seq_len=seq, loss="forward_kl", teacher_cache=str(cache))
+    trainer = DistillationTrainer(model=student, args=args, processing_class=setup.tokenizer)
+    return Stepper(trainer, student, batch, setup.bf16)
+
+
 def trl_mode(setup: Setup, student) -> Stepper:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -250,9 +283,11 @@ def warnings_silenced():
 
 def build_mode(name: str, setup: Setup) -> Stepper | None:
     """The stepper of mode ``name``, or None for a mode that does not exist yet."""
-    if name == "distily_recorded":
-        return RECORDED_TEACHER_MODE(setup, new_student(setup)) if RECORDED_TEACHER_MODE is not None else None
     student = new_student(setup)
+    if name == "distily_recorded":
+        return recorded_mode(setup, student)
+    if name == "student_ce":
+        return student_ce_mode(setup, student)
     if name == "floor":
         return floor_mode(setup, student)
     if name == "distily":
@@ -454,6 +489,10 @@ def ratio_lines(args, times: dict[str, dict], memory: dict[str, dict]) -> list[s
         f"{_ratio(med('distily', 'cpu'), med('trl', 'cpu'))} | ≤ 0.9 |",
         f"| distily plain / floor | {_ratio(med('distily_plain'), med('floor'))} | "
         f"{_ratio(med('distily_plain', 'cpu'), med('floor', 'cpu'))} | (for reference) |",
+        f"| recorded / student alone | {_ratio(med('distily_recorded'), med('student_ce'))} | "
+        f"{_ratio(med('distily_recorded', 'cpu'), med('student_ce', 'cpu'))} | ≤ 1.10 |",
+        f"| live (distily) / recorded | {_ratio(med('distily'), med('distily_recorded'))} | "
+        f"{_ratio(med('distily', 'cpu'), med('distily_recorded', 'cpu'))} | ≥ 1.8 on CPU |",
         "",
         "| ratio | peak memory | step memory | goal |",
         "| --- | ---: | ---: | --- |",

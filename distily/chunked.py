@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .losses import LossFn, token_divergence
+from .sparse import SparseTeacher, sparse_token_divergence
 
 # Components of the statistics every objective returns, summed over tokens: the KD term (T² included), the
 # student's cross-entropy and the teacher's cross-entropy (for the eval perplexities).
@@ -54,6 +55,25 @@ class LogitsTeacherSignal(TeacherSignal):
 
     def logits(self, rows: slice) -> Tensor:
         return self._logits[rows]
+
+
+class SparseTeacherSignal(TeacherSignal):
+    """A teacher known only by its top-k log-probabilities and tail mass per token (a recorded teacher).
+
+    :class:`TokenObjective` computes the divergence on the ``k + 1`` buckets (:mod:`distily.sparse`) and takes
+    the teacher's cross-entropy from :meth:`teacher_nll` (recorded from the full logits).
+    """
+
+    def logits(self, rows: slice) -> Tensor:
+        raise TypeError("A sparse teacher signal has no logits; use top_k(rows) (see distily.sparse).")
+
+    def top_k(self, rows: slice) -> SparseTeacher:
+        """The teacher's top-k ids, log-probabilities and tail log-mass for the selected tokens ``rows``."""
+        raise NotImplementedError
+
+    def teacher_nll(self, rows: slice) -> Tensor:
+        """The teacher's next-token cross-entropy for the selected tokens ``rows``, shape ``(rows,)``."""
+        raise NotImplementedError
 
 
 class HeadTeacherSignal(TeacherSignal):
@@ -114,15 +134,22 @@ class TokenObjective:
         zeros = torch.zeros(labels.shape[0], dtype=dtype, device=student_logits.device)
         objective = torch.zeros((), dtype=dtype, device=student_logits.device)
         kd, ce, teacher_ce = zeros, zeros, zeros  # per token
-        teacher_logits = self.teacher.logits(rows) if self.teacher is not None else None
+        sparse = isinstance(self.teacher, SparseTeacherSignal)
+        teacher_logits = self.teacher.logits(rows) if self.teacher is not None and not sparse else None
         if self.loss_fn is not None:
-            kd = token_divergence(student_logits, teacher_logits, self.loss_fn, self.temperature) * self.temperature**2
+            if sparse:
+                kd = sparse_token_divergence(student_logits, self.teacher.top_k(rows), self.loss_fn, self.temperature)
+            else:
+                kd = token_divergence(student_logits, teacher_logits, self.loss_fn, self.temperature)
+            kd = kd * self.temperature**2
             objective = objective + self.kd_weight * kd.sum()
         if self.student_ce:
             ce = F.cross_entropy(student_logits.to(dtype), labels, ignore_index=-100, reduction="none")
             if self.ce_weight:
                 objective = objective + self.ce_weight * ce.sum()
-        if self.teacher_ce:
+        if self.teacher_ce and sparse:
+            teacher_ce = self.teacher.teacher_nll(rows).to(device=student_logits.device, dtype=dtype)
+        elif self.teacher_ce:
             teacher_ce = F.cross_entropy(teacher_logits.to(dtype), labels, ignore_index=-100, reduction="none")
         per_token = torch.stack([kd.detach().to(dtype), ce.detach(), teacher_ce.detach().to(dtype)])
         if self.sequence_ids is None:

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "eval": "distily.cli:eval_command",
     "sweep": "distily.cli:sweep_command",
     "synth": "distily.teacher.synth:synth_command",
+    "record": "distily.cli:record_command",
 }
 
 
@@ -65,6 +66,26 @@ def sweep_command(argv: list[str]) -> int:
     for best in result.best:
         print(f"Best trial {best['number']}: {best['values']} {best['params']}\n  reproduce: {best['command']}")
     print(f"Summary and plots: {result.directory / 'summary.md'}", flush=True)
+    return 0
+
+
+def record_command(argv: list[str]) -> int:
+    """``distily record --teacher ... --dataset ... --seq_len 512 --top_k 64 --output CACHE_DIR``."""
+    from .config import DataArguments, TeacherArguments
+    from .teacher.recorded import RecordConfig, TeacherCache, record
+
+    teacher_args, data_args, config = parse_with_yaml(
+        argv, classes=(TeacherArguments, DataArguments, RecordConfig), prog="distily record"
+    )
+    output = record(teacher_args, data_args, config)
+    manifest = TeacherCache(output).manifest
+    splits = manifest["splits"]
+    print(
+        f"Teacher cache {output}: {splits['train']['blocks']} train + {splits['eval']['blocks']} eval blocks, "
+        f"{manifest['bytes_per_token']} bytes/token, teacher perplexity train {splits['train']['teacher_ppl']:.3f} "
+        f"eval {splits['eval']['teacher_ppl']:.3f}. Train from it with --teacher_cache {output}.",
+        flush=True,
+    )
     return 0
 
 

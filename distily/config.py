@@ -355,6 +355,15 @@ class DistillationConfig(TrainingArguments):
             "64M on accelerators (1024 tokens)."
         },
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from a recorded teacher (a folder written by `distily record`) instead of running the "
+            "teacher: its top-k log-probabilities and tail mass per token. The teacher is not loaded (except once "
+            "to initialise a student from its weights). Losses: forward_kl, reverse_kl, generalized_jsd, skew_kl, "
+            "skew_reverse_kl, total_variation, on the top-k tokens plus one tail bucket (docs/recorded_teacher.md)."
+        },
+    )
 
     def __post_init__(self):
         # Distillation fields first: their errors are the ones a user is most likely to hit.
@@ -393,6 +402,18 @@ class DistillationConfig(TrainingArguments):
                     "processes. Drop one of them."
                 )
         self.chunked_loss = _normalise_switch(self.chunked_loss, "chunked_loss", CHUNKED_LOSS_CHOICES)
+        if self.teacher_cache is not None and not str(self.teacher_cache).strip():
+            self.teacher_cache = None
+        if self.teacher_cache is not None:
+            from .sparse import BUCKET_LOSSES, check_bucket_loss
+
+            if self.loss not in BUCKET_LOSSES:
+                try:
+                    check_bucket_loss(self.loss)
+                except ValueError as err:
+                    raise ConfigError(f"--loss {self.loss}: {err}") from None
+            # The batches must keep their block_index/block_split columns (they name the recorded rows).
+            self.remove_unused_columns = False
         if (
             isinstance(self.loss_chunk_size, bool)
             or not isinstance(self.loss_chunk_size, int)
@@ -428,6 +449,7 @@ class DistillationConfig(TrainingArguments):
                 "teacher_sharding",
                 "chunked_loss",
                 "loss_chunk_size",
+                "teacher_cache",
             )
         }
 

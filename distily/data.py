@@ -31,6 +31,8 @@ PYTHON_STDLIB = "python-stdlib"
 # Bumped whenever the packing below changes, so stale caches are never reused.
 PACKING_VERSION = 1
 EVAL_SPLIT_NAMES = ("validation", "eval", "test")
+# Values of the block_split column (prepare_datasets(block_index=True)).
+BLOCK_SPLITS = {"train": 0, "eval": 1}
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 # Folders never read as corpus: installed third-party packages, caches and VCS metadata.
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn", "node_modules", ".venv"}
@@ -321,14 +323,22 @@ class PreparedData:
     eval: Dataset
     train_documents: int
     eval_documents: int
+    # datasets fingerprints of the packed splits before any block selection (a recorded teacher checks them).
+    source_fingerprints: dict[str, str] | None = None
 
     @property
     def train_tokens(self) -> int:
         return len(self.train) * len(self.train[0]["input_ids"]) if len(self.train) else 0
 
 
-def prepare_datasets(args: DataArguments, tokenizer, seq_len: int, seed: int = 42) -> PreparedData:
-    """Load, split, tokenise and pack; errors name the problem (empty data, text too short, ...)."""
+def prepare_datasets(
+    args: DataArguments, tokenizer, seq_len: int, seed: int = 42, block_index: bool = False
+) -> PreparedData:
+    """Load, split, tokenise and pack; errors name the problem (empty data, text too short, ...).
+
+    ``block_index=True`` adds a ``block_index`` column (the block's row in its packed split, before any
+    selection) and a ``block_split`` column (0 train, 1 eval): they name the rows of a recorded teacher.
+    """
     documents = load_documents(args)
     packed = {}
     # Prompt/completion samples (a synth folder, default text field): chat-rendered, prompt tokens masked.
@@ -348,20 +358,25 @@ def prepare_datasets(args: DataArguments, tokenizer, seq_len: int, seed: int = 4
                 f"The {split} split of {args.dataset!r} holds fewer than seq_len={seq_len} tokens, so no block "
                 "could be packed. Use more text or a smaller --seq_len."
             )
+        if block_index:
+            blocks = blocks.add_column("block_index", list(range(len(blocks))))
+            blocks = blocks.add_column("block_split", [BLOCK_SPLITS[split]] * len(blocks))
         packed[split] = blocks
+    source_fingerprints = {split: blocks._fingerprint for split, blocks in packed.items()}
     train, evaluation = packed["train"], packed["eval"]
     if args.max_train_blocks is not None and len(train) > args.max_train_blocks:
         train = train.shuffle(seed=seed).select(range(args.max_train_blocks))
     if args.max_eval_blocks is not None and len(evaluation) > args.max_eval_blocks:
         # A fixed seed: the same eval blocks for every run, so perplexities are comparable across runs.
         evaluation = evaluation.shuffle(seed=0).select(range(args.max_eval_blocks))
-    return PreparedData(train, evaluation, len(documents["train"]), len(documents["eval"]))
+    return PreparedData(train, evaluation, len(documents["train"]), len(documents["eval"]), source_fingerprints)
 
 
 class BlockCollator:
     """Batches token blocks: pads to the longest, ``labels`` = ids with padding as -100.
 
-    A ``labels`` column in the dataset (e.g. prompts masked with -100 in synthetic data) is kept as given.
+    A ``labels`` column in the dataset (e.g. prompts masked with -100 in synthetic data) is kept as given;
+    ``block_index``/``block_split`` columns (rows of a recorded teacher) are passed through as tensors.
     """
 
     def __init__(self, pad_token_id: int):
@@ -378,4 +393,11 @@ class BlockCollator:
             attention_mask[row, : len(ids)] = 1
             given = feature.get("labels")
             labels[row, : len(ids)] = ids if given is None else torch.as_tensor(given, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for name in BLOCK_COLUMNS:
+            if name in features[0]:
+                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.long)
+        return batch
+
+
+BLOCK_COLUMNS = ("block_index", "block_split")

@@ -7,6 +7,7 @@ half-made run behind.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shlex
@@ -210,21 +211,28 @@ def train(
     output_dir = Path(config.output_dir)
     resume = resolve_resume(output_dir, config.resume_from_checkpoint)
     check_output_dir(config, resuming=resume is not None)
-    if not teacher_args.teacher:
-        raise ConfigError("--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct.")
+    if not teacher_args.teacher and not config.teacher_cache:
+        raise ConfigError(
+            "--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct (or "
+            "--teacher_cache DIR, a teacher recorded with `distily record`)."
+        )
 
     started = time.time()
-    if loaded_teacher is not None:
-        teacher, tokenizer = loaded_teacher
+    cache = None
+    if config.teacher_cache:
+        teacher, tokenizer, student, cache = _student_for_teacher_cache(teacher_args, student_args, config)
     else:
-        teacher, tokenizer = load_run_teacher(teacher_args, config)
-    # Seeded before the student is built, so a randomly initialised student is the same in every run.
-    set_seed(config.seed)
-    # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
-    if student_args.student:
-        student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
-    else:
-        student = build_student(teacher, student_args.student_config, init=student_args.student_init)
+        if loaded_teacher is not None:
+            teacher, tokenizer = loaded_teacher
+        else:
+            teacher, tokenizer = load_run_teacher(teacher_args, config)
+        # Seeded before the student is built, so a randomly initialised student is the same in every run.
+        set_seed(config.seed)
+        # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
+        if student_args.student:
+            student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
+        else:
+            student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     check_compatible(student, teacher, config)
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
@@ -233,13 +241,14 @@ def train(
     if export_args.formats:
         from .export import check_exportable
 
-        check_exportable(
-            student, tokenizer, export_args.formats, teacher=teacher_args.teacher, outtype=export_args.export_outtype
-        )
+        teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
+        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_name, outtype=export_args.export_outtype)
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
     with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache
-        data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed)
+        data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None)
+    if cache is not None:
+        cache.check_compatible(source_fingerprints=data.source_fingerprints)
     logger.info(
         "Data: %d train blocks (%d documents), %d eval blocks (%d documents) of %d tokens.",
         len(data.train), data.train_documents, len(data.eval), data.eval_documents, config.seq_len,
@@ -273,8 +282,9 @@ def train(
         "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": shlex.join(command) if command else None,
-        "teacher": teacher_args.teacher,
-        "teacher_parameters": count_parameters(teacher),
+        "teacher": teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None),
+        "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
+        "teacher_cache": config.teacher_cache,
         "student": student_args.student,
         "student_parameters": count_parameters(student),
         "student_trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
@@ -361,6 +371,52 @@ def export_run(output_dir: Path, export_args: ExportArguments, config: Distillat
     for fmt, files in result.files.items():
         print(f"Exported {fmt} ({result.outtypes[fmt]}): {', '.join(str(p) for p in files)}", flush=True)
     return result
+
+
+def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: StudentArguments, config):
+    """``(None, tokenizer, student, cache)`` for a run on a recorded teacher.
+
+    The tokenizer and the teacher's config come from the cache. The teacher's weights are loaded only when the
+    student copies them (``--student_init`` auto with the teacher's width, or teacher), then released before
+    training.
+    """
+    from types import SimpleNamespace
+
+    from transformers import set_seed
+
+    from .students import _same_width, build_student, load_student, student_config_from_teacher
+    from .teacher.recorded import CacheError, TeacherCache
+
+    cache = TeacherCache(config.teacher_cache)
+    cache.check_compatible(seq_len=config.seq_len, temperature=config.temperature, loss=config.loss)
+    tokenizer = cache.load_tokenizer()
+    set_seed(config.seed)
+    if student_args.student:
+        return (
+            None,
+            tokenizer,
+            load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code),
+            cache,
+        )
+    teacher_config = cache.teacher_config()
+    student_config = student_config_from_teacher(teacher_config, student_args.student_config)
+    init = student_args.student_init
+    if init == "teacher" or (init == "auto" and _same_width(student_config, teacher_config)):
+        name = teacher_args.teacher or cache.identity["teacher"]
+        logger.info(
+            "Loading teacher %s once to initialise the student from its weights; training uses the cache.", name
+        )
+        teacher, teacher_tokenizer = load_run_teacher(dataclasses.replace(teacher_args, teacher=name), config)
+        cache.check_compatible(tokenizer=teacher_tokenizer, vocab_size=teacher.config.vocab_size)
+        student = build_student(teacher, student_args.student_config, init=init)
+        del teacher
+    else:
+        student = build_student(SimpleNamespace(config=teacher_config), student_args.student_config, init=init)
+    if student.config.vocab_size != cache.vocab_size:
+        raise CacheError(
+            f"The student's vocabulary ({student.config.vocab_size}) is not the cache's ({cache.vocab_size})."
+        )
+    return None, tokenizer, student, cache
 
 
 def load_run_teacher(teacher_args: TeacherArguments, config: DistillationConfig):

@@ -36,6 +36,9 @@ from .data import BlockCollator
 from .distributed import check_world_size, place_teacher, world_size_from_env, wrap_student_for_training
 from .losses import build_loss
 from .teacher.loading import freeze
+from .teacher.recorded import SPLIT_IDS, CacheError, TeacherCache
+
+TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +132,19 @@ class DistillationTrainer(Trainer):
             )
         if model is None:
             raise ValueError("DistillationTrainer needs model= (the student to train).")
-        if teacher_model is None and args.alpha > 0:
+        if teacher_model is not None and args.teacher_cache:
+            raise ValueError(
+                "Pass either teacher_model (a live teacher) or args.teacher_cache (a recorded one), not both: with a "
+                "cache the teacher is never run."
+            )
+        if teacher_model is None and args.alpha > 0 and not args.teacher_cache:
             raise ValueError(
                 f"alpha={args.alpha} weights a distillation term but no teacher_model was given. Pass "
-                "teacher_model=..., or set alpha=0 to train the student on plain cross-entropy."
+                "teacher_model=..., or args.teacher_cache (a recorded teacher), or set alpha=0 to train the student "
+                "on plain cross-entropy."
             )
         check_compatible(model, teacher_model, args)
+        self.teacher_cache = self._open_teacher_cache(model, args, processing_class, kwargs)
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             if pad is None:
@@ -162,6 +172,40 @@ class DistillationTrainer(Trainer):
         self._log_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
         self._eval_sums: torch.Tensor | None = None
+
+    @staticmethod
+    def _open_teacher_cache(model, args: DistillationConfig, processing_class, kwargs) -> TeacherCache | None:
+        """The recorded teacher of ``args.teacher_cache``, checked against this run: seq_len, temperature, loss,
+        vocabulary, tokenizer, and that every block of the datasets was recorded."""
+        if not args.teacher_cache:
+            return None
+        cache = TeacherCache(args.teacher_cache)
+        tokenizer = processing_class if hasattr(processing_class, "backend_tokenizer") else None
+        cache.check_compatible(
+            seq_len=args.seq_len,
+            temperature=args.temperature,
+            tokenizer=tokenizer,
+            vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
+            loss=args.loss,
+        )
+        for name, split in (("train_dataset", "train"), ("eval_dataset", "eval")):
+            dataset = kwargs.get(name)
+            datasets_ = dataset.values() if isinstance(dataset, dict) else [dataset]
+            for part in datasets_:
+                columns = getattr(part, "column_names", None)
+                if columns is None:
+                    continue
+                if "block_index" not in columns or "block_split" not in columns:
+                    raise CacheError(
+                        f"The {split} dataset has no block_index/block_split columns, so its blocks cannot be found "
+                        "in the teacher cache. Prepare it with distily.data.prepare_datasets(..., block_index=True)."
+                    )
+                for split_id in set(part["block_split"]):
+                    cache.rows_for(
+                        TEACHER_CACHE_SPLITS[split_id],
+                        [b for b, s in zip(part["block_index"], part["block_split"], strict=True) if s == split_id],
+                    )
+        return cache
 
     def _use_chunked_loss(self) -> bool:
         """Whether this run takes the chunked loss path (``chunked_loss``: auto, true or false).
@@ -195,6 +239,11 @@ class DistillationTrainer(Trainer):
 
     # -- objective ---------------------------------------------------------------------------------------------
 
+    @property
+    def has_teacher(self) -> bool:
+        """A live or a recorded teacher."""
+        return self.teacher is not None or self.teacher_cache is not None
+
     def teacher_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The frozen teacher's logits for a batch (no gradients, teacher's own dtype, on the student's device)."""
         device, mask = self.teacher_input_device, inputs.get("attention_mask")
@@ -211,8 +260,10 @@ class DistillationTrainer(Trainer):
 
         Chunked path: the teacher's final hidden states, computed in inference mode and in the teacher's own
         dtype, with its head applied one chunk at a time. Plain path: its full logits. A recorded teacher
-        plugs in here.
+        (``args.teacher_cache``) serves the top-k rows it recorded for the batch's blocks instead.
         """
+        if self.teacher_cache is not None:
+            return self.teacher_cache.signal(inputs, mask, inputs["input_ids"].device)
         if chunked:
             device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
             with torch.inference_mode():
@@ -243,7 +294,7 @@ class DistillationTrainer(Trainer):
         mask = labels != -100
         local_tokens = mask.sum()
         normaliser = num_items_in_batch if (training and num_items_in_batch is not None) else local_tokens
-        teacher_ce = not training and self.teacher is not None and args.eval_teacher
+        teacher_ce = not training and self.has_teacher and args.eval_teacher
         need_teacher = args.alpha > 0 or teacher_ce
         objective = TokenObjective(
             labels=labels[mask],
@@ -317,7 +368,7 @@ class DistillationTrainer(Trainer):
             student_ce, teacher_ce, tokens = self._eval_sums.tolist()
             if tokens > 0:
                 output.metrics[f"{metric_key_prefix}_student_ppl"] = math.exp(min(student_ce / tokens, 700.0))
-                if self.teacher is not None and self.args.eval_teacher:
+                if self.has_teacher and self.args.eval_teacher:
                     output.metrics[f"{metric_key_prefix}_teacher_ppl"] = math.exp(min(teacher_ce / tokens, 700.0))
                 output.metrics[f"{metric_key_prefix}_tokens"] = int(tokens)
         self._eval_sums = None

@@ -263,7 +263,10 @@ class Worker:
                     **run_args,
                     command=self.command,
                     callbacks=[PruningCallback(trial, sweep)] if sweep.pruner != "none" else None,
-                    loaded_teacher=self.teachers.get(run_args["teacher_args"], run_args["config"]),
+                    # A recorded teacher (--teacher_cache) is never loaded.
+                    loaded_teacher=None
+                    if run_args["config"].teacher_cache
+                    else self.teachers.get(run_args["teacher_args"], run_args["config"]),
                 )
                 metrics = self._metrics(result)
                 del result

@@ -1,0 +1,150 @@
+"""Divergences against a sparse teacher: its top-k tokens plus one bucket for the rest of the vocabulary.
+
+A recorded teacher (:mod:`distily.teacher.recorded`) keeps, per token, the ``k`` most likely token ids, their
+log-probabilities ``log p_i`` and the log of the remaining probability mass ``log τ = log(1 − Σ_{i∈K} p_i)``.
+The full distribution is gone, so every divergence is computed between *coarse-grained* distributions over
+``k + 1`` outcomes: the teacher's top-k tokens ``K``, and one tail bucket holding everything else.
+
+* teacher: ``P = (p_1, ..., p_k, τ)`` as recorded (sums to one);
+* student: ``Q = (q_1, ..., q_k, Q_τ)`` with ``q_i = softmax(s / T)_i`` at the teacher's ids and
+  ``Q_τ = Σ_{j∉K} softmax(s / T)_j``, computed exactly from the student's full logits.
+
+The registered distribution losses are then applied to ``log P`` and ``log Q`` (they only look at their
+inputs through ``log_softmax``/``softmax``, which leave normalised log-probabilities unchanged):
+
+* ``forward_kl``: ``Σ_{i∈K} p_i log(p_i / q_i) + τ log(τ / Q_τ)``;
+* ``reverse_kl``: ``Σ_{i∈K} q_i log(q_i / p_i) + Q_τ log(Q_τ / τ)``;
+* ``generalized_jsd`` (β): ``β KL(P ‖ M) + (1 − β) KL(Q ‖ M)`` with ``M = βP + (1 − β)Q`` bucket-wise;
+* ``skew_kl``, ``skew_reverse_kl`` and ``total_variation`` likewise on the ``k + 1`` buckets.
+
+How this approximates the full divergence: merging outcomes never increases an f-divergence (data processing
+inequality), so each value is a lower bound of the full-vocabulary one. The gap is the tail's own divergence,
+for forward KL exactly ``τ · KL(p_tail/τ ‖ q_tail/Q_τ)``: what the teacher says about how to spread the tail
+mass among the other tokens, which the cache does not keep. The top-k part and the tail *mass* are matched
+exactly; the gap vanishes as ``k`` grows or as the teacher's tail mass shrinks. Logit-space losses (``mse``,
+``cosine``) have no sparse form (the teacher's logits are not recorded) and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .losses import LossFn, forward_kl
+
+# Registered losses that depend on their inputs only through softmax: they accept bucket log-probabilities.
+BUCKET_LOSSES: set[str] = {
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "total_variation",
+}
+
+
+@dataclass
+class SparseTeacher:
+    """A teacher's top-k distribution for ``N`` tokens (recorded at some temperature).
+
+    ``ids`` ``(N, k)`` int64, ``logprobs`` ``(N, k)`` and ``tail_logprob`` ``(N,)`` (log of the mass outside
+    the top k), both float32.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_logprob: Tensor
+
+    def bucket_log_probs(self) -> Tensor:
+        """``log P``: the top-k log-probabilities and the tail bucket's, shape ``(N, k + 1)``."""
+        return torch.cat([self.logprobs, self.tail_logprob.unsqueeze(-1)], dim=-1)
+
+
+def check_bucket_loss(name: str) -> None:
+    """Refuse a loss that cannot be computed from a sparse (top-k + tail) teacher."""
+    if name not in BUCKET_LOSSES:
+        raise ValueError(
+            f"Loss {name!r} cannot be computed from a recorded teacher: it keeps only the top-k log-probabilities "
+            f"and the tail mass, not the logits. Use one of {', '.join(sorted(BUCKET_LOSSES))}, or train with the "
+            "live teacher (drop --teacher_cache). A loss of your own that depends on the logits only through "
+            "softmax can be allowed with distily.sparse.BUCKET_LOSSES.add(name)."
+        )
+
+
+def student_bucket_log_probs(student_logits: Tensor, ids: Tensor) -> Tensor:
+    """``log Q`` ``(N, k + 1)``: the student's log-probabilities at the teacher's top-k ids and of all other tokens.
+
+    The tail bucket is a log-sum-exp over the tokens outside ``ids`` (exact, no ``1 − Σ q`` cancellation).
+    """
+    log_normaliser = student_logits.logsumexp(-1, keepdim=True)
+    top = student_logits.gather(-1, ids) - log_normaliser
+    outside = student_logits.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - log_normaliser
+    return torch.cat([top, outside], dim=-1)
+
+
+class _BucketForwardKL(torch.autograd.Function):
+    """Forward KL on the buckets with its closed-form gradient (the default loss, so worth the shortcut).
+
+    ``value = Σ_K p_i (log p_i − log q_i) + τ (log τ − log Q_τ)``; with ``Σ_K p_i + τ = 1`` its gradient with
+    respect to the student's logits is ``q_i − p_i`` on the top-k ids and ``q_j (1 − τ / Q_τ)`` elsewhere. One
+    softmax, one full-vocabulary reduction and in-place updates, instead of autograd through a log-sum-exp over
+    a masked copy of the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, ids: Tensor, log_p: Tensor, log_tail: Tensor) -> Tensor:
+        log_normaliser = student_logits.logsumexp(-1, keepdim=True)
+        q = (student_logits - log_normaliser).exp_()
+        q_top = q.gather(-1, ids)
+        tail_q = q.scatter_(-1, ids, 0.0).sum(-1)  # Σ over the tokens outside the top k: no 1 − Σ cancellation
+        tiny = torch.finfo(q.dtype).tiny
+        log_q_top = student_logits.gather(-1, ids) - log_normaliser
+        p, tau = log_p.exp(), log_tail.exp()
+        value = (p * (log_p - log_q_top)).sum(-1) + tau * (log_tail - tail_q.clamp(min=tiny).log())
+        grad = q.mul_((1.0 - tau / tail_q.clamp(min=tiny)).unsqueeze(-1)).scatter_(-1, ids, q_top - p)
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_value: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value.unsqueeze(-1), None, None, None
+
+
+def sparse_token_divergence(
+    student_logits: Tensor, teacher: SparseTeacher, loss_fn: LossFn, temperature: float = 1.0
+) -> Tensor:
+    """D(Q, P) per token, shape ``(N,)``: ``loss_fn`` on the ``k + 1`` buckets (see the module docstring).
+
+    ``student_logits`` ``(N, V)`` are divided by ``temperature``; the teacher was recorded at that temperature
+    already. Computed in float32 or wider.
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student_logits = student_logits.to(dtype)
+    if temperature != 1.0:
+        student_logits = student_logits / temperature
+    ids = teacher.ids.to(student_logits.device)
+    # Renormalised: float16 storage leaves the recorded buckets summing to 1 only within ~1e-3.
+    target = teacher.bucket_log_probs().to(device=student_logits.device, dtype=dtype).log_softmax(-1)
+    if loss_fn is forward_kl and student_logits.requires_grad and torch.is_grad_enabled():
+        per_token = _BucketForwardKL.apply(student_logits, ids, target[:, :-1], target[:, -1])
+    else:
+        per_token = loss_fn(student_bucket_log_probs(student_logits, ids), target)
+    if per_token.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"A loss must return one value per token, shape ({student_logits.shape[0]},); got {tuple(per_token.shape)}."
+        )
+    return per_token
+
+
+def dense_log_probs(teacher: SparseTeacher, vocab_size: int) -> Tensor:
+    """The sparse teacher as full log-probabilities ``(N, V)``: top-k as recorded, the tail mass spread evenly
+    over the other ``V − k`` tokens. For inspection and tests; the losses use the buckets."""
+    k = teacher.ids.shape[-1]
+    spread = teacher.tail_logprob - torch.log(torch.tensor(float(max(vocab_size - k, 1))))
+    full = spread.unsqueeze(-1).expand(-1, vocab_size).clone()
+    return full.scatter_(-1, teacher.ids, teacher.logprobs)
