@@ -150,6 +150,7 @@ def sweep_command(argv: list[str]) -> int:
     for best in result.best:
         print(f"Best trial {best['number']}: {best['values']} {best['params']}\n  reproduce: {best['command']}")
     print(f"Summary and plots: {result.directory / 'summary.md'}", flush=True)
+    return 0
 
 
 def _positional(argv: list[str], what: str, usage: str) -> tuple[str, list[str]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, check_known_keys, known_fields, load_yaml_file
+from ..config import ConfigError, DistillationConfig, check_known_keys, known_fields, load_yaml_file
 from ..registry import Registry
 from .space import SearchParam, config_from_params, parse_search_space, sample_config
 
@@ -340,7 +340,7 @@ class SweepConfig:
                         f"search_space.{param.path} = {value!r} gives an invalid run config: {err}"
                     ) from None
                 if not checked_eval:
-                    self._check_pruning(configs[-1])
+                    self._check_pruning(next(c for c in configs if isinstance(c, DistillationConfig)))
                     checked_eval = True
 
     def _check_pruning(self, config) -> None:
