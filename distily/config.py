@@ -282,7 +282,9 @@ class DataArguments:
 SIGNALS = ("logits", "hidden_states", "attentions")
 # Per-signal defaults of a component's fields (logits take their divergence from --loss/--temperature/--alpha).
 COMPONENT_DEFAULTS = {
-    "hidden_states": {"loss": "mse", "layer_mapper": "uniform_last", "projector": "linear", "norm": "none"},
+    # layer_norm: a raw MSE between residual streams is in the thousands on SmolLM2 (massive activations) and
+    # drowns the logit term; the normalised MSE is about 1 (notes.md).
+    "hidden_states": {"loss": "mse", "layer_mapper": "uniform_last", "projector": "linear", "norm": "layer_norm"},
     "attentions": {"loss": "kl", "layer_mapper": "uniform_last", "projector": "identity", "norm": "none"},
 }
 COMPONENT_KEYS = (

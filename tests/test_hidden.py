@@ -182,7 +182,7 @@ def test_objective_forms_normalise_to_one_mapping():
         "layer_mapper_kwargs": {},
         "projector": "linear",
         "projector_kwargs": {},
-        "norm": "none",
+        "norm": "layer_norm",
     }
     assert parse_objective({"hidden_states": 0.5}) == full
     assert parse_objective([{"signal": "hidden_states", "weight": 0.5}]) == full
@@ -311,6 +311,7 @@ def test_hidden_state_loss_equals_the_formula(tmp_path, chunked):
         "logits": 0,
         "hidden_states": {
             "projector": "identity",
+            "norm": "none",
             "layer_mapper": "indices",
             "layer_mapper_kwargs": {"pairs": [[1, 1], [1, 3]]},
         },
