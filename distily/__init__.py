@@ -3,10 +3,14 @@
 Public API::
 
     from distily import DistillationConfig, DistillationTrainer, build_student, register_loss, LOSSES
+    from distily import register_layer_mapper, register_projector, register_feature_loss  # intermediate signals
 """
 
 from .config import ConfigError, DataArguments, DistillationConfig, StudentArguments, TeacherArguments
+from .feature_losses import FEATURE_LOSSES, FEATURE_NORMS, register_feature_loss, register_feature_norm
+from .layer_mappers import LAYER_MAPPERS, map_layers, register_layer_mapper
 from .losses import LOSSES, build_loss, distillation_loss, register_loss
+from .projectors import PROJECTORS, build_projector, register_projector
 from .registry import Registry, UnknownNameError
 from .students import build_student
 from .teacher.loading import EMBEDDED_TEACHERS, load_teacher
@@ -18,7 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED_TEACHERS",
+    "FEATURE_LOSSES",
+    "FEATURE_NORMS",
+    "LAYER_MAPPERS",
     "LOSSES",
+    "PROJECTORS",
     "TEMPLATES",
     "ConfigError",
     "DataArguments",
@@ -32,10 +40,16 @@ __all__ = [
     "UnknownNameError",
     "__version__",
     "build_loss",
+    "build_projector",
     "build_student",
     "distillation_loss",
     "load_teacher",
+    "map_layers",
+    "register_feature_loss",
+    "register_feature_norm",
+    "register_layer_mapper",
     "register_loss",
+    "register_projector",
     "register_template",
     "synthesize",
 ]

@@ -8,7 +8,9 @@ defaults from a YAML file and flags given on the command line override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -29,17 +31,101 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def split_dotted_flags(argv: list[str], classes=RUN_ARGUMENT_CLASSES) -> tuple[list[str], dict[str, dict]]:
+    """Take ``--field.key.subkey VALUE`` flags out of ``argv`` for the dict fields of ``classes``.
+
+    Returns the other arguments and ``{field: {key: {subkey: value}}}``; values are read as YAML scalars
+    (``1.0`` is a float, ``true`` a bool, ``[1, 2]`` a list). ``--objective.hidden_states.weight 1.0`` sets
+    one field of one objective component.
+    """
+    import yaml
+
+    dict_fields = {
+        item.name
+        for cls in classes
+        for klass in cls.__mro__
+        for item in dataclasses.fields(cls)
+        if "dict" in str(vars(klass).get("__annotations__", {}).get(item.name, ""))
+    }
+    rest: list[str] = []
+    dotted: dict[str, dict] = {}
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in name and name.split(".")[0] in dict_fields:
+            if "=" in arg:
+                text = arg.split("=", 1)[1]
+            elif index + 1 < len(argv):
+                index += 1
+                text = argv[index]
+            else:
+                raise ConfigError(f"--{name} needs a value, e.g. --{name} 1.0.")
+            field_name, *keys = name.split(".")
+            if not all(keys):
+                raise ConfigError(f"--{name} is not a valid path: use --field.key.subkey VALUE.")
+            node = dotted.setdefault(field_name, {})
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--{name}: {key!r} is set to a value and used as a mapping.")
+            node[keys[-1]] = yaml.safe_load(text)
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, dotted
+
+
+def _merge(base: dict, updates: dict) -> dict:
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _dict_value(value, flag: str) -> dict:
+    """A dict field's base value before dotted flags apply: a mapping, a JSON string, or nothing."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--{flag} is not valid JSON ({err.msg}): {value!r}.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--{flag}.KEY flags need --{flag} to be a mapping, got {type(value).__name__}.")
+    return value
+
+
 def parse_with_yaml(argv: list[str], classes=RUN_ARGUMENT_CLASSES, prog: str = "distily"):
-    """Parse ``argv`` into ``classes``; values from ``--config FILE`` are defaults that flags override."""
+    """Parse ``argv`` into ``classes``; values from ``--config FILE`` are defaults that flags override.
+
+    ``--field.key VALUE`` sets one key of a dict field (``--objective.hidden_states.weight 1.0``,
+    ``--loss_kwargs.beta 0.5``), on top of the field's value from ``--field JSON`` or the config file.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
+    rest, dotted = split_dotted_flags(rest, classes)
     parser = run_parser(classes)
     parser.prog = prog
     parser.add_argument("--config", default=None, help="YAML file of flag: value defaults; flags override it.")
+    values = {}
     if known.config:
         values = load_yaml_file(known.config)
         check_known_keys(values, f"Config file {known.config!r}", classes)
+    if dotted:
+        whole = argparse.ArgumentParser(add_help=False)
+        for name in dotted:
+            whole.add_argument(f"--{name}", default=None)
+        given, rest = whole.parse_known_args(rest)
+        for name, updates in dotted.items():
+            base = getattr(given, name) if getattr(given, name) is not None else values.get(name)
+            values[name] = _merge(_dict_value(base, name), updates)
+    if values:
         parser.set_defaults(**values)
     namespace_objects = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=False)
     return tuple(obj for obj in namespace_objects if not isinstance(obj, argparse.Namespace))

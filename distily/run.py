@@ -242,7 +242,9 @@ def train(
         from .export import check_exportable
 
         teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
-        check_exportable(student, tokenizer, export_args.formats, teacher=teacher_name, outtype=export_args.export_outtype)
+        check_exportable(
+            student, tokenizer, export_args.formats, teacher=teacher_name, outtype=export_args.export_outtype
+        )
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
     with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache

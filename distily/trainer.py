@@ -7,12 +7,14 @@ throughput and peak memory).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,9 +33,11 @@ from .chunked import (
     student_hidden_states,
     teacher_hidden_states,
 )
-from .config import ConfigError, DistillationConfig
+from .config import ConfigError, DistillationConfig, objective_components
 from .data import BlockCollator
 from .distributed import check_world_size, place_teacher, world_size_from_env, wrap_student_for_training
+from .features import IntermediateObjective
+from .io import atomic_path
 from .losses import build_loss
 from .teacher.loading import freeze
 from .teacher.recorded import SPLIT_IDS, CacheError, TeacherCache
@@ -41,6 +45,8 @@ from .teacher.recorded import SPLIT_IDS, CacheError, TeacherCache
 TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
 
 logger = logging.getLogger(__name__)
+
+PROJECTORS_FILE = "projectors.safetensors"
 
 
 class StepTimer(TrainerCallback):
@@ -61,6 +67,48 @@ class StepTimer(TrainerCallback):
     def pop(self) -> list[float]:
         durations, self.durations = self.durations, []
         return durations
+
+
+class ProjectorCheckpoints(TrainerCallback):
+    """Saves the projectors' weights as ``projectors.safetensors`` in every checkpoint folder, zeroes their
+    gradients at each step and averages them across processes (they live outside the DDP-wrapped student, so
+    neither Trainer nor DDP does)."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Trainer zeroes the student's gradients only (model.zero_grad()); without this they would accumulate.
+        self.trainer.intermediate.zero_grad(set_to_none=True)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for param in self.trainer.intermediate.parameters():
+                if param.grad is not None and world > 1:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad.div_(world)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_projectors(self.trainer.intermediate, folder / PROJECTORS_FILE)
+
+
+def save_projectors(intermediate: nn.Module, path: Path) -> None:
+    """The projectors' state dict as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in intermediate.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": "distily projectors"})
+
+
+def load_projectors(intermediate: nn.Module, path: Path) -> None:
+    """Loads ``save_projectors``' file into ``intermediate`` in place (every key must match)."""
+    from safetensors.torch import load_file
+
+    intermediate.load_state_dict(load_file(str(path)), strict=True)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -137,11 +185,20 @@ class DistillationTrainer(Trainer):
                 "Pass either teacher_model (a live teacher) or args.teacher_cache (a recorded one), not both: with a "
                 "cache the teacher is never run."
             )
-        if teacher_model is None and args.alpha > 0 and not args.teacher_cache:
+        components = objective_components(args.objective)
+        logits_weight = sum(c.weight for c in components if c.signal == "logits")
+        intermediate_components = [c for c in components if c.signal != "logits"]
+        if args.teacher_cache and intermediate_components:
+            raise ValueError(
+                "A recorded teacher (teacher_cache) holds logits only; hidden_states/attentions objectives need a live "
+                "teacher_model. Drop those objective components or the teacher cache."
+            )
+        needs_teacher = (args.alpha > 0 and logits_weight > 0) or intermediate_components
+        if teacher_model is None and not args.teacher_cache and needs_teacher:
             raise ValueError(
                 f"alpha={args.alpha} weights a distillation term but no teacher_model was given. Pass "
-                "teacher_model=..., or args.teacher_cache (a recorded teacher), or set alpha=0 to train the student "
-                "on plain cross-entropy."
+                "teacher_model=..., or args.teacher_cache (a recorded teacher), or set alpha=0 (and no "
+                "hidden_states/attentions objective) to train the student on plain cross-entropy."
             )
         check_compatible(model, teacher_model, args)
         self.teacher_cache = self._open_teacher_cache(model, args, processing_class, kwargs)
@@ -159,6 +216,12 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None:
             self.teacher, self.teacher_input_device = place_teacher(self.teacher, self.accelerator, self.args)
         self.loss_fn = build_loss(args.loss, args.loss_kwargs)
+        self.logits_weight = logits_weight
+        # Hidden-state and attention components with their projectors (trained with the student, never exported).
+        self.intermediate: IntermediateObjective | None = None
+        if intermediate_components:
+            self.intermediate = IntermediateObjective(components, model, self.teacher).to(self.args.device)
+            self.add_callback(ProjectorCheckpoints(self))
         self.chunked = self._use_chunked_loss()
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
         self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
@@ -237,6 +300,38 @@ class DistillationTrainer(Trainer):
         logger.warning("Computing losses from full logits (chunked_loss=auto): %s.", "; ".join(problems))
         return False
 
+    # -- projectors: optimizer, checkpoints ---------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer for the student, plus one parameter group for the projectors (learning rate
+        ``projector_learning_rate`` or ``learning_rate``, the student's weight decay and schedule)."""
+        optimizer = super().create_optimizer(model)
+        params = [p for p in self.intermediate.parameters() if p.requires_grad] if self.intermediate else []
+        already = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if params and not any(id(p) in already for p in params):
+            lr = self.args.projector_learning_rate or self.args.learning_rate
+            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Trainer's ``train``; on resume, first restores the projectors from the checkpoint's
+        ``projectors.safetensors`` (the student, optimizer and scheduler are restored by Trainer)."""
+        if resume_from_checkpoint and self.intermediate is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            path = Path(checkpoint) / PROJECTORS_FILE if checkpoint else None
+            if path is None or not path.exists():
+                raise ConfigError(
+                    f"Resuming needs the projectors' weights, but {str(path)!r} does not exist: the checkpoint was "
+                    "saved by a run without hidden-state components. Resume with the same --objective, or start a "
+                    "new run."
+                )
+            load_projectors(self.intermediate, path)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
     # -- objective ---------------------------------------------------------------------------------------------
 
     @property
@@ -277,6 +372,16 @@ class DistillationTrainer(Trainer):
             return HeadTeacherSignal(hidden.clone(), self.teacher.get_output_embeddings(), inputs["input_ids"].device)
         return LogitsTeacherSignal(self.teacher_logits(inputs)[:, :-1][mask])
 
+    def teacher_forward(self, inputs: dict[str, torch.Tensor]) -> None:
+        """The teacher's decoder on a batch, in inference mode, for its intermediate features only (no head)."""
+        device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
+        with torch.inference_mode():
+            teacher_hidden_states(
+                self.teacher,
+                inputs["input_ids"].to(device),
+                attention_mask.to(device) if attention_mask is not None else None,
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation objective (see the class docstring), normalised by the number of real tokens.
 
@@ -295,40 +400,63 @@ class DistillationTrainer(Trainer):
         local_tokens = mask.sum()
         normaliser = num_items_in_batch if (training and num_items_in_batch is not None) else local_tokens
         teacher_ce = not training and self.has_teacher and args.eval_teacher
-        need_teacher = args.alpha > 0 or teacher_ce
+        kd = args.alpha > 0 and self.logits_weight > 0
+        need_signal = kd or teacher_ce
+        intermediate = self.intermediate
+        teacher_features: dict = {}
+        with intermediate.capture(self.teacher, "teacher", mask) if intermediate else _no_capture() as captured:
+            signal = self.teacher_signal(inputs, mask, chunked) if need_signal else None
+            if intermediate is not None and not need_signal:
+                self.teacher_forward(inputs)  # the hooks keep the mapped layers
+        if captured:
+            # Normal tensors (the teacher ran in inference mode), so the feature losses can save them for backward.
+            teacher_features = {key: value.clone() for key, value in captured.items()}
         objective = TokenObjective(
             labels=labels[mask],
-            loss_fn=self.loss_fn if args.alpha > 0 else None,
-            teacher=self.teacher_signal(inputs, mask, chunked) if need_teacher else None,
+            loss_fn=self.loss_fn if kd else None,
+            teacher=signal,
             temperature=args.temperature,
-            kd_weight=args.alpha,
-            ce_weight=1 - args.alpha,
-            student_ce=args.alpha < 1 or not training,
+            kd_weight=self.logits_weight * args.alpha,
+            ce_weight=self.logits_weight * (1 - args.alpha),
+            student_ce=(args.alpha < 1 and self.logits_weight > 0) or not training,
             teacher_ce=teacher_ce,
             # Evaluation sums its statistics per sequence (see _accumulate_eval).
             sequence_ids=None if training else sequence_index(mask),
             num_sequences=mask.shape[0],
         )
+        logit_terms = objective.loss_fn is not None or objective.student_ce or objective.teacher_ce
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        if chunked:
-            hidden, outputs = student_hidden_states(model, input_ids, attention_mask)
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            total, stats = chunked_head_objective(hidden[:, :-1][mask], head, objective, self.loss_chunk_size)
-            # Full logits never exist on this path: return the hidden states, without the last position's logits.
-            outputs = CausalLMOutputWithPast(hidden_states=outputs.hidden_states)
-        else:
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
+        student = self.accelerator.unwrap_model(model)
+        with intermediate.capture(student, "student", mask) if intermediate else _no_capture() as student_features:
+            if chunked:
+                hidden, outputs = student_hidden_states(model, input_ids, attention_mask)
+                if logit_terms:
+                    head = student.get_output_embeddings()
+                    total, stats = chunked_head_objective(hidden[:, :-1][mask], head, objective, self.loss_chunk_size)
+                # Full logits never exist on this path: return the hidden states, not the last position's logits.
+                outputs = CausalLMOutputWithPast(hidden_states=outputs.hidden_states)
+            else:
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                if logit_terms:
+                    total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
+        if not logit_terms:  # hidden states only, during training: the heads are not needed at all
+            total = torch.zeros((), device=input_ids.device)
+            stats = torch.zeros(objective.stats_shape, device=input_ids.device)
+        feature_sums = intermediate(student_features, teacher_features) if intermediate else {}
+        for component in intermediate.components if intermediate else ():
+            total = total + component.weight * feature_sums[component.name]
         # A batch with no real token contributes zero (not 0/0); its gradient is zero too.
         normaliser = normaliser.clamp(min=1) if isinstance(normaliser, torch.Tensor) else max(normaliser, 1)
         loss = total / normaliser
         kd_sum, ce_sum, _ = (stats.sum(-1) if stats.dim() > 1 else stats).unbind()
 
         components: dict[str, torch.Tensor] = {}
-        if args.alpha > 0:
+        if kd:
             components["loss_kd"] = kd_sum / normaliser
         if objective.student_ce:
             components["loss_ce"] = ce_sum / normaliser
+        for name, value in feature_sums.items():
+            components[f"loss_{name}"] = value.detach() / normaliser
         if not training:
             self._accumulate_eval(stats[1], stats[2], mask.sum(-1))
 
@@ -399,6 +527,11 @@ class DistillationTrainer(Trainer):
             self._tokens_since_log = 0
             logs["peak_memory_mb"] = round(peak_memory_mb(self.args.device), 1)
         super().log(logs, start_time)
+
+
+@contextlib.contextmanager
+def _no_capture():
+    yield {}
 
 
 def sequence_index(mask: torch.Tensor) -> torch.Tensor:

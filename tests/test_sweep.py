@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from distily.cli import main
-from distily.config import ConfigError, config_to_dict, known_fields, load_yaml_file, train_kwargs
+from distily.config import ConfigError, DistillationConfig, config_to_dict, known_fields, load_yaml_file, train_kwargs
 from distily.sweep import SweepConfig, load_sweep
 from distily.sweep.config import parse_sweep_argv, run_configs
 from distily.sweep.runner import MetricsError, TrialError, Worker, combine, open_study
@@ -31,6 +31,10 @@ SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 POSTGRES_ENV = "DISTILY_TEST_POSTGRES_URL"
 # What `bash .ci/postgres` creates; used by a plain `make test` when such a server is running.
 LOCAL_POSTGRES = "postgresql://distily:distily@localhost:5432/distily_test"
+
+
+def distillation_config(configs) -> DistillationConfig:
+    return next(config for config in configs if isinstance(config, DistillationConfig))
 
 
 def fixed_settings(teacher, corpus, cache, **changes) -> dict:
@@ -238,16 +242,32 @@ def test_the_three_promised_sweeps_ship():
     assert {p.stem for p in SWEEPS} >= {"loss_and_temperature", "student_shape", "hidden_state_objective"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending issue 5: sweeps/hidden_state_objective.yaml sweeps today's logit-KD/CE objective; once the "
-    "hidden-state fields exist this xfail turns into a failure, the cue to add them to its search_space",
-)
-def test_hidden_state_sweep_covers_the_hidden_state_fields():
+def test_hidden_state_sweep_covers_the_hidden_state_fields(tmp_path):
     sweep = load_sweep(REPO / "sweeps" / "hidden_state_objective.yaml")
-    swept = {p.path.split(".")[0] for p in sweep.params}
-    assert {"layer_mapper", "projector"} <= known_fields()
-    assert {"layer_mapper", "projector"} <= swept
+    swept = {p.path for p in sweep.params}
+    assert {f"objective.hidden_states.{key}" for key in ("weight", "layer_mapper", "projector", "loss")} <= swept
+    # A trial's choices land in the objective component and build a valid run config.
+    chosen = {
+        "objective.hidden_states.weight": 0.5,
+        "objective.hidden_states.layer_mapper": "last_k",
+        "objective.hidden_states.layer_mapper_kwargs.k": 3,
+        "objective.hidden_states.projector": "orthogonal",
+        "objective.hidden_states.loss": "cosine",
+        "objective.hidden_states.norm": "layer_norm",
+    }
+    config = distillation_config(run_configs(sweep.trial_config(chosen, tmp_path / "trial")))
+    hidden = config.objective["hidden_states"]
+    assert hidden["weight"] == 0.5 and hidden["layer_mapper_kwargs"] == {"k": 3}
+    assert (hidden["layer_mapper"], hidden["projector"], hidden["loss"], hidden["norm"]) == (
+        "last_k",
+        "orthogonal",
+        "cosine",
+        "layer_norm",
+    )
+    assert config.objective["logits"]["weight"] == 1.0
+    # k is sampled only with last_k.
+    flat = sweep.trial_config({**chosen, "objective.hidden_states.layer_mapper": "all"}, tmp_path / "other")
+    assert distillation_config(run_configs(flat)).objective["hidden_states"]["layer_mapper_kwargs"] == {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
