@@ -151,6 +151,7 @@ def train_student(args, teacher, tokenizer, workdir: Path, cache: Path | None) -
         use_cpu=args.device == "cpu",
         seq_len=args.seq,
         loss="forward_kl",
+        alpha=args.alpha,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch,
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
     parser.add_argument("--steps", type=int, default=12, help="training steps per student (k sweep)")
     parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--alpha", type=float, default=1.0, help="KD weight of every student (1 - alpha: label CE)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory_blocks", type=int, default=2000, help="blocks of the synthetic cache read back")
     parser.add_argument("--skip_steps", action="store_true")
@@ -261,7 +263,8 @@ def main(argv=None) -> int:
             out += [
                 "",
                 f"Students by k ({args.steps} steps of {args.batch} × {args.seq} tokens, lr {args.learning_rate} "
-                f"constant, forward KL, same seed and blocks; eval on {args.eval_blocks} blocks):",
+                f"constant, forward KL, alpha {args.alpha}, same seed and blocks; {args.train_blocks} train blocks, eval on "
+                f"{args.eval_blocks} blocks):",
                 "",
                 "| teacher signal | student eval ppl | vs live | train seconds |",
                 "| --- | ---: | ---: | ---: |",
