@@ -263,8 +263,8 @@ def main(argv=None) -> int:
             out += [
                 "",
                 f"Students by k ({args.steps} steps of {args.batch} × {args.seq} tokens, lr {args.learning_rate} "
-                f"constant, forward KL, alpha {args.alpha}, same seed and blocks; {args.train_blocks} train blocks, eval on "
-                f"{args.eval_blocks} blocks):",
+                f"constant, forward KL, alpha {args.alpha}, same seed and blocks; {args.train_blocks} train blocks, "
+                f"eval on {args.eval_blocks} blocks):",
                 "",
                 "| teacher signal | student eval ppl | vs live | train seconds |",
                 "| --- | ---: | ---: | ---: |",
