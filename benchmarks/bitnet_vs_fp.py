@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from distily.bitnet import fp16_bytes, load_bitnet_student, save_packed  # noqa: E402
-from distily.config import configs_from_dict  # noqa: E402
+from distily.config import configs_from_dict, train_kwargs  # noqa: E402
 from distily.run import train  # noqa: E402
 
 
@@ -60,9 +60,11 @@ def run_variant(name: str, overrides: dict, args) -> dict:
         warmup_steps=min(values["warmup_steps"], args.max_steps // 2),
         **overrides,
     )
-    teacher_args, student_args, data_args, config = configs_from_dict(values, source=f"variant {name}")
+    values["export"] = None  # sizes are measured below, from the saved students
+    run_args = train_kwargs(configs_from_dict(values, source=f"variant {name}"))
+    config, student_args = run_args["config"], run_args["student_args"]
     started = time.time()
-    result = train(teacher_args, student_args, data_args, config, command=["benchmarks/bitnet_vs_fp.py", name])
+    result = train(**run_args, command=["benchmarks/bitnet_vs_fp.py", name])
     return {
         "learning_rate": config.learning_rate,
         "student_config": student_args.student_config,
