@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
-from .registry import Registry
+from .registry import Registry, check_kwargs
 
 LayerPairs = list[tuple[int, int]]
 LayerMapper = Callable[..., LayerPairs]
@@ -106,15 +106,7 @@ def uniform_last(student_layers: int, teacher_layers: int, *, stride: int | None
 def check_mapper_kwargs(name: str, kwargs: dict | None) -> None:
     """Reject parameters the mapper ``name`` does not take, listing those it does."""
     params = list(inspect.signature(LAYER_MAPPERS[name]).parameters.values())[2:]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    takes = [p.name for p in params]
-    unknown = sorted(set(kwargs or {}) - set(takes))
-    if unknown:
-        raise ValueError(
-            f"Layer mapper {name!r} got unknown layer_mapper_kwargs {unknown}; it takes: "
-            f"{', '.join(takes) if takes else 'no parameters'}."
-        )
+    check_kwargs(f"Layer mapper {name!r}", "layer_mapper_kwargs", params, kwargs)
 
 
 def map_layers(name: str, student_layers: int, teacher_layers: int, kwargs: dict | None = None) -> LayerPairs:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
-from .registry import Registry
+from .registry import Registry, check_kwargs
 
 PROJECTORS: Registry = Registry("projector", "distily.register_projector")
 
@@ -124,15 +124,7 @@ class Ensemble(nn.Module):
 def check_projector_kwargs(name: str, kwargs: dict | None) -> None:
     """Reject parameters the projector ``name`` does not take, listing those it does."""
     params = list(inspect.signature(PROJECTORS[name].__init__).parameters.values())[3:]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    takes = [p.name for p in params]
-    unknown = sorted(set(kwargs or {}) - set(takes))
-    if unknown:
-        raise ValueError(
-            f"Projector {name!r} got unknown projector_kwargs {unknown}; it takes: "
-            f"{', '.join(takes) if takes else 'no parameters'}."
-        )
+    check_kwargs(f"Projector {name!r}", "projector_kwargs", params, kwargs)
 
 
 def build_projector(name: str, student_dim: int, teacher_dim: int, kwargs: dict | None = None) -> nn.Module:

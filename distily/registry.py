@@ -7,6 +7,7 @@ every known name and says how to register a new one. Parameters belong in config
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -79,3 +80,19 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(sorted(self._entries))})"
+
+
+def check_kwargs(what: str, flag: str, params: list[inspect.Parameter], kwargs: dict | None) -> None:
+    """Reject ``kwargs`` that a registry entry's ``params`` do not name, listing those it takes.
+
+    ``what`` names the entry in the message (``"Projector 'mlp'"``), ``flag`` the config field that carried
+    the keyword arguments. An entry with ``**kwargs`` takes anything.
+    """
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params]
+    unknown = sorted(set(kwargs or {}) - set(takes))
+    if unknown:
+        raise ValueError(
+            f"{what} got unknown {flag} {unknown}; it takes: {', '.join(takes) if takes else 'no parameters'}."
+        )
