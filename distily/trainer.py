@@ -341,14 +341,15 @@ class DistillationTrainer(Trainer):
 
     def teacher_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The frozen teacher's logits for a batch (no gradients, teacher's own dtype, on the student's device)."""
-        device, mask = self.teacher_input_device, inputs.get("attention_mask")
+        input_ids, attention_mask = self._teacher_inputs(inputs)
         with torch.no_grad():
-            logits = self.teacher(
-                input_ids=inputs["input_ids"].to(device),
-                attention_mask=mask.to(device) if mask is not None else None,
-                use_cache=False,
-            ).logits
+            logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits.to(inputs["input_ids"].device)
+
+    def _teacher_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's ``input_ids`` and ``attention_mask`` on the teacher's input device."""
+        device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
+        return inputs["input_ids"].to(device), attention_mask.to(device) if attention_mask is not None else None
 
     def teacher_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, chunked: bool) -> TeacherSignal:
         """The teacher's side of the objective for the real next-token positions ``mask`` (B, L-1) of a batch.
@@ -360,13 +361,8 @@ class DistillationTrainer(Trainer):
         if self.teacher_cache is not None:
             return self.teacher_cache.signal(inputs, mask, inputs["input_ids"].device)
         if chunked:
-            device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
             with torch.inference_mode():
-                hidden = teacher_hidden_states(
-                    self.teacher,
-                    inputs["input_ids"].to(device),
-                    attention_mask.to(device) if attention_mask is not None else None,
-                )
+                hidden = teacher_hidden_states(self.teacher, *self._teacher_inputs(inputs))
                 hidden = hidden[:, :-1][mask.to(hidden.device)]
             # A normal tensor (cheap: hidden size, not vocabulary), so chunks can be used outside inference mode.
             return HeadTeacherSignal(hidden.clone(), self.teacher.get_output_embeddings(), inputs["input_ids"].device)
@@ -374,13 +370,8 @@ class DistillationTrainer(Trainer):
 
     def teacher_forward(self, inputs: dict[str, torch.Tensor]) -> None:
         """The teacher's decoder on a batch, in inference mode, for its intermediate features only (no head)."""
-        device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
         with torch.inference_mode():
-            teacher_hidden_states(
-                self.teacher,
-                inputs["input_ids"].to(device),
-                attention_mask.to(device) if attention_mask is not None else None,
-            )
+            teacher_hidden_states(self.teacher, *self._teacher_inputs(inputs))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation objective (see the class docstring), normalised by the number of real tokens.
