@@ -57,18 +57,20 @@ def record_caches(args, teacher, tokenizer, workdir: Path) -> dict[int, dict]:
     from distily.teacher.recorded import RecordConfig, TeacherCache, record
 
     results = {}
-    for k in args.ks:
-        output = workdir / f"cache-k{k}"
+    for spec in args.ks:
+        k, _, samples = spec.partition("+")
+        output = workdir / f"cache-k{k}-s{samples or 0}"
         config = RecordConfig(
-            output=str(output), top_k=k, seq_len=args.seq, batch_size=args.record_batch, device=args.device
-        )
+            output=str(output), top_k=int(k), tail_samples=int(samples or 0), seq_len=args.seq,
+            batch_size=args.record_batch, device=args.device,
+        )  # fmt: skip
         started = time.perf_counter()
         record(TeacherArguments(teacher=args.teacher), data_arguments(args), config, teacher=teacher,
                tokenizer=tokenizer, progress=False)  # fmt: skip
         seconds = time.perf_counter() - started
         manifest = TeacherCache(output).manifest
         blocks = manifest["splits"]["train"]["blocks"] + manifest["splits"]["eval"]["blocks"]
-        results[k] = {
+        results[spec] = {
             "path": output,
             "bytes_per_token": manifest["stored_bytes"] / (blocks * args.seq),
             "formula": manifest["bytes_per_token"],
@@ -76,7 +78,7 @@ def record_caches(args, teacher, tokenizer, workdir: Path) -> dict[int, dict]:
             "seconds": seconds,
             "teacher_ppl_eval": manifest["splits"]["eval"]["teacher_ppl"],
         }
-        print(f"recorded k={k}: {results[k]}", file=sys.stderr, flush=True)
+        print(f"recorded k={spec}: {results[spec]}", file=sys.stderr, flush=True)
     return results
 
 
@@ -97,7 +99,7 @@ def synthetic_cache(args, tokenizer, workdir: Path, blocks: int) -> Path:
 
     output = workdir / "synthetic"
     data = DataArguments(dataset="python-stdlib", max_train_blocks=blocks, max_eval_blocks=1)
-    config = RecordConfig(output=str(output), top_k=k, seq_len=args.seq, batch_size=64)
+    config = RecordConfig(output=str(output), top_k=k, tail_samples=0, seq_len=args.seq, batch_size=64)
     teacher = TeacherArguments(teacher=args.teacher)
     # A stand-in for the teacher: a config to save and no weights to hash.
     config_only = SimpleNamespace(vocab_size=len(tokenizer), save_pretrained=lambda path: Path(path).mkdir())
@@ -185,7 +187,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--train_blocks", type=int, default=24)
     parser.add_argument("--eval_blocks", type=int, default=8)
-    parser.add_argument("--ks", default="8,32,64,128")
+    parser.add_argument(
+        "--ks",
+        default="8,32,64,128,56+8,64+8",
+        help="caches to record and train from: k (top k only) or k+S (top k and S tail samples)",
+    )
     parser.add_argument("--record_batch", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_sweep", action="store_true")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
-    args.ks = [int(k) for k in args.ks.split(",")]
+    args.ks = args.ks.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/bench_record.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -216,7 +222,7 @@ def main(argv=None) -> int:
             f"{args.train_blocks} train + {args.eval_blocks} eval blocks of {args.seq}, batches of "
             f"{args.record_batch}, teacher loaded once):",
             "",
-            "| k | bytes/token on disk | formula | recording tokens/s | seconds |",
+            "| k (+ tail samples) | bytes/token on disk | formula | recording tokens/s | seconds |",
             "| ---: | ---: | ---: | ---: | ---: |",
         ]
         for k, row in caches.items():
@@ -226,8 +232,16 @@ def main(argv=None) -> int:
             )
         from distily.teacher.recorded import bytes_per_token
 
-        at_512 = bytes_per_token({"top_k": 64, "seq_len": 512, "id_dtype": "uint16"})
-        out += ["", f"At k = 64 and seq_len 512 (the issue's setting): {at_512:.1f} bytes/token by the same formula."]
+        at_512 = {
+            spec: bytes_per_token({"top_k": k, "tail_samples": s, "seq_len": 512, "id_dtype": "uint16"})
+            for spec, k, s in (("64", 64, 0), ("56+8", 56, 8), ("64+8", 64, 8))
+        }
+        out += [
+            "",
+            "At seq_len 512 (the issue's setting), by the same formula: "
+            + ", ".join(f"k = {spec}: {value:.1f}" for spec, value in at_512.items())
+            + " bytes/token.",
+        ]
         synthetic = synthetic_cache(args, tokenizer, workdir, args.memory_blocks)
         memory = reading_memory(synthetic)
         out += [
@@ -273,6 +287,7 @@ def main(argv=None) -> int:
             for k, row in caches.items():
                 result = train_student(args, teacher, tokenizer, workdir, row["path"])
                 print(f"k={k}: {result}", file=sys.stderr, flush=True)
+                k = k.replace("+", " + ") + " samples" if "+" in k else k
                 change = 100 * (result["student_ppl"] - live["student_ppl"]) / live["student_ppl"]
                 out.append(f"| cache, k = {k} | {result['student_ppl']:.3f} | {change:+.2f}% | {result['s']:.0f} |")
             out += ["", f"Teacher eval ppl (recorded from full logits): {live['teacher_ppl']:.3f}."]

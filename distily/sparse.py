@@ -23,6 +23,19 @@ for forward KL exactly ``τ · KL(p_tail/τ ‖ q_tail/Q_τ)``: what the teacher
 mass among the other tokens, which the cache does not keep. The top-k part and the tail *mass* are matched
 exactly; the gap vanishes as ``k`` grows or as the teacher's tail mass shrinks. Logit-space losses (``mse``,
 ``cosine``) have no sparse form (the teacher's logits are not recorded) and are refused.
+
+**Tail samples** (forward KL). A recording can also keep ``S`` token ids ``t_1..t_S`` drawn, with replacement,
+from the teacher's tail distribution ``p̃_j = p_j / τ`` (``j ∉ K``), with their log-probabilities. They estimate
+the missing term without bias: with ``q̃_j = q_j / Q_τ``,
+
+``KL(p ‖ q) = KL_buckets(P ‖ Q) + τ · E_{j∼p̃}[log p̃_j − log q̃_j]``
+``          ≈ KL_buckets(P ‖ Q) + (τ / S) Σ_s (log p̃_{t_s} − log q̃_{t_s})``.
+
+Its gradient with respect to the student's logits is ``q_i − p_i`` on the top-k ids and ``q_j − τ c_j / S``
+elsewhere (``c_j``: how often ``j`` was drawn), whose expectation is the full-vocabulary ``q_j − p_j``. So the
+student's distribution *inside* the tail is pulled towards the teacher's, which the buckets alone leave
+untouched, at ``S · 4`` bytes per token. The other losses have no unbiased estimator from samples of ``p``
+(reverse KL and JSD weigh the tail by the student's own probabilities) and use the buckets, ignoring samples.
 """
 
 from __future__ import annotations
@@ -51,12 +64,24 @@ class SparseTeacher:
     """A teacher's top-k distribution for ``N`` tokens (recorded at some temperature).
 
     ``ids`` ``(N, k)`` int64, ``logprobs`` ``(N, k)`` and ``tail_logprob`` ``(N,)`` (log of the mass outside
-    the top k), both float32.
+    the top k), both float32. Optionally ``sample_ids`` ``(N, S)``, tokens drawn from the teacher's tail
+    distribution (see the module docstring), and their log-probabilities ``sample_logprobs`` ``(N, S)``.
     """
 
     ids: Tensor
     logprobs: Tensor
     tail_logprob: Tensor
+    sample_ids: Tensor | None = None
+    sample_logprobs: Tensor | None = None
+
+    def __post_init__(self):
+        if (self.sample_ids is None) != (self.sample_logprobs is None):
+            raise ValueError("sample_ids and sample_logprobs come together: give both or neither.")
+
+    def __getitem__(self, rows) -> SparseTeacher:
+        """The same teacher for a subset of its tokens."""
+        samples = (None, None) if self.sample_ids is None else (self.sample_ids[rows], self.sample_logprobs[rows])
+        return SparseTeacher(self.ids[rows], self.logprobs[rows], self.tail_logprob[rows], *samples)
 
     def bucket_log_probs(self) -> Tensor:
         """``log P``: the top-k log-probabilities and the tail bucket's, shape ``(N, k + 1)``."""
@@ -86,25 +111,34 @@ def student_bucket_log_probs(student_logits: Tensor, ids: Tensor) -> Tensor:
 
 
 class _BucketForwardKL(torch.autograd.Function):
-    """Forward KL on the buckets with its closed-form gradient (the default loss, so worth the shortcut).
+    """Forward KL on the buckets, plus the tail-sample term when there are samples, with its closed-form gradient
+    (the default loss, so worth the shortcut).
 
-    ``value = Σ_K p_i (log p_i − log q_i) + τ (log τ − log Q_τ)``; with ``Σ_K p_i + τ = 1`` its gradient with
-    respect to the student's logits is ``q_i − p_i`` on the top-k ids and ``q_j (1 − τ / Q_τ)`` elsewhere. One
-    softmax, one full-vocabulary reduction and in-place updates, instead of autograd through a log-sum-exp over
-    a masked copy of the logits.
+    ``value = Σ_K p_i (log p_i − log q_i) + τ (log τ − log Q_τ) [+ (τ / S) Σ_s (log p̃_{t_s} − log q̃_{t_s})]``;
+    with ``Σ_K p_i + τ = 1`` its gradient with respect to the student's logits is ``q_i − p_i`` on the top-k ids
+    and ``q_j (1 − τ / Q_τ)`` elsewhere, or with samples ``q_j − τ c_j / S``. One softmax, one full-vocabulary
+    reduction and in-place updates, instead of autograd through a log-sum-exp over a masked copy of the logits.
     """
 
     @staticmethod
-    def forward(ctx, student_logits: Tensor, ids: Tensor, log_p: Tensor, log_tail: Tensor) -> Tensor:
+    def forward(ctx, student_logits, ids, log_p, log_tail, sample_ids, sample_log_p):
         log_normaliser = student_logits.logsumexp(-1, keepdim=True)
         q = (student_logits - log_normaliser).exp_()
         q_top = q.gather(-1, ids)
         tail_q = q.scatter_(-1, ids, 0.0).sum(-1)  # Σ over the tokens outside the top k: no 1 − Σ cancellation
-        tiny = torch.finfo(q.dtype).tiny
+        log_tail_q = tail_q.clamp(min=torch.finfo(q.dtype).tiny).log()
         log_q_top = student_logits.gather(-1, ids) - log_normaliser
         p, tau = log_p.exp(), log_tail.exp()
-        value = (p * (log_p - log_q_top)).sum(-1) + tau * (log_tail - tail_q.clamp(min=tiny).log())
-        grad = q.mul_((1.0 - tau / tail_q.clamp(min=tiny)).unsqueeze(-1)).scatter_(-1, ids, q_top - p)
+        value = (p * (log_p - log_q_top)).sum(-1) + tau * (log_tail - log_tail_q)
+        if sample_ids is None:
+            grad = q.mul_((1.0 - tau / tail_q.clamp(min=torch.finfo(q.dtype).tiny)).unsqueeze(-1))
+        else:
+            log_q_samples = student_logits.gather(-1, sample_ids) - log_normaliser
+            drawn = (sample_log_p - log_tail.unsqueeze(-1)) - (log_q_samples - log_tail_q.unsqueeze(-1))
+            value = value + tau * drawn.mean(-1)
+            weight = (tau / sample_ids.shape[-1]).unsqueeze(-1).expand_as(sample_ids)
+            grad = q.scatter_add_(-1, sample_ids, -weight)  # q_j − τ c_j / S outside the top k (zero inside yet)
+        grad = grad.scatter_(-1, ids, q_top - p)
         ctx.save_for_backward(grad)
         return value
 
@@ -112,7 +146,18 @@ class _BucketForwardKL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_value: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_value.unsqueeze(-1), None, None, None
+        return grad * grad_value.unsqueeze(-1), None, None, None, None, None
+
+
+def tail_sample_term(student_logits: Tensor, teacher: SparseTeacher) -> Tensor:
+    """``(τ / S) Σ_s (log p̃_{t_s} − log q̃_{t_s})`` per token ``(N,)``: the sampled estimate of the tail's own
+    forward KL (module docstring), differentiable by autograd. ``student_logits`` are already tempered."""
+    log_normaliser = student_logits.logsumexp(-1, keepdim=True)
+    log_tail_q = student_logits.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1, keepdim=True)
+    log_q_samples = student_logits.gather(-1, teacher.sample_ids) - log_normaliser
+    log_tail = teacher.tail_logprob.unsqueeze(-1)
+    drawn = (teacher.sample_logprobs - log_tail) - (log_q_samples - (log_tail_q - log_normaliser))
+    return teacher.tail_logprob.exp() * drawn.mean(-1)
 
 
 def sparse_token_divergence(
@@ -127,13 +172,25 @@ def sparse_token_divergence(
     student_logits = student_logits.to(dtype)
     if temperature != 1.0:
         student_logits = student_logits / temperature
-    ids = teacher.ids.to(student_logits.device)
+    device = student_logits.device
+    ids = teacher.ids.to(device)
     # Renormalised: float16 storage leaves the recorded buckets summing to 1 only within ~1e-3.
-    target = teacher.bucket_log_probs().to(device=student_logits.device, dtype=dtype).log_softmax(-1)
+    target = teacher.bucket_log_probs().to(device=device, dtype=dtype).log_softmax(-1)
+    samples = None
+    if loss_fn is forward_kl and teacher.sample_ids is not None:
+        # The stored log p of the samples, shifted like the buckets so that log p̃ = log p − log τ is unchanged.
+        shift = target[:, -1] - teacher.tail_logprob.to(device=device, dtype=dtype)
+        sample_log_p = teacher.sample_logprobs.to(device=device, dtype=dtype) + shift[:, None]
+        samples = teacher.sample_ids.to(device), sample_log_p
     if loss_fn is forward_kl and student_logits.requires_grad and torch.is_grad_enabled():
-        per_token = _BucketForwardKL.apply(student_logits, ids, target[:, :-1], target[:, -1])
+        per_token = _BucketForwardKL.apply(
+            student_logits, ids, target[:, :-1], target[:, -1], *(samples or (None, None))
+        )
     else:
         per_token = loss_fn(student_bucket_log_probs(student_logits, ids), target)
+        if samples is not None:
+            renormalised = SparseTeacher(ids, target[:, :-1], target[:, -1], *samples)
+            per_token = per_token + tail_sample_term(student_logits, renormalised)
     if per_token.shape != student_logits.shape[:1]:
         raise ValueError(
             f"A loss must return one value per token, shape ({student_logits.shape[0]},); got {tuple(per_token.shape)}."

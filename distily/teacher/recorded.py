@@ -2,8 +2,9 @@
 
 ``distily record`` runs the teacher over the packed training (and eval) blocks, exactly as training packs
 them, and stores per token the ``k`` most likely token ids, their log-probabilities and the log of the
-remaining probability mass (the tail). ``distily --teacher_cache DIR`` then trains without the teacher: the
-losses are computed on the top-k tokens plus one tail bucket (:mod:`distily.sparse`).
+remaining probability mass (the tail), and ``S`` tokens drawn from the tail with their log-probabilities (tail
+samples: they make forward KL unbiased, see :mod:`distily.sparse`). ``distily --teacher_cache DIR`` then
+trains without the teacher: the losses are computed on the top-k tokens plus one tail bucket.
 
 Layout of a cache folder::
 
@@ -18,8 +19,10 @@ Each shard holds, for its rows (blocks) and their ``P = seq_len − 1`` next-tok
 position predicts nothing training uses): ``top_ids`` ``(R, P, k)`` uint16 (int32 for vocabularies over
 65,536), ``top_logprobs`` ``(R, P, k)`` and ``tail_logprob`` ``(R, P)`` in float16 or bfloat16, and per row
 ``block_index``, ``input_hash`` (a hash of the block's token ids, checked against every training batch) and
-``teacher_nll`` (the teacher's summed cross-entropy over the block, from the full logits). At k = 64 that is
-``(64·2 + 64·2 + 2) · (L − 1)/L`` bytes per token (257.5 at L = 512).
+``teacher_nll`` (the teacher's summed cross-entropy over the block, from the full logits). With tail samples,
+``tail_sample_ids`` ``(R, P, S)`` and ``tail_sample_logprobs`` ``(R, P, S)`` too. At k = 64 that is
+``(64·2 + 64·2 + 2) · (L − 1)/L`` bytes per token without samples (257.5 at L = 512), plus ``S · 4`` with
+(289.4 with the default S = 8).
 
 Shards are written atomically (temporary file, then rename) and the manifest after each one, so a recording
 killed at any point is finished by running the same command again. Every shard's sha256 is in the manifest;
@@ -62,6 +65,9 @@ BACKENDS = ("transformers", "vllm")
 LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # log τ is stored no lower than this: a tail of e^-100 is zero for every loss, and -inf would make reverse KL infinite.
 TAIL_LOGPROB_FLOOR = -100.0
+# Tail samples per position by default (transformers backend): within 1% of full-logit KD in
+# benchmarks/RESULTS.md, where the bucket alone was 5% off; 32 bytes per token.
+DEFAULT_TAIL_SAMPLES = 8
 
 
 class CacheError(ValueError):
@@ -74,6 +80,14 @@ class RecordConfig:
 
     output: str | None = field(default=None, metadata={"help": "Cache folder to write (required)."})
     top_k: int = field(default=64, metadata={"help": "Token ids and log-probabilities kept per position."})
+    tail_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens drawn per position from the teacher's distribution outside the top k, kept with their "
+            "log-probabilities: they make forward KL's gradient unbiased (4 bytes each). Default 8 with the "
+            "transformers backend; 0 with vllm, whose prompt_logprobs give only the top k."
+        },
+    )
     seq_len: int = field(default=512, metadata={"help": "Tokens per packed block: the training run's --seq_len."})
     backend: str = field(
         default="transformers",
@@ -116,6 +130,16 @@ class RecordConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name} must be a whole number ≥ 1, got {value!r}.")
+        if self.tail_samples is None:
+            self.tail_samples = 0 if self.backend == "vllm" else DEFAULT_TAIL_SAMPLES
+        if isinstance(self.tail_samples, bool) or not isinstance(self.tail_samples, int) or self.tail_samples < 0:
+            raise ConfigError(f"--tail_samples must be a whole number ≥ 0, got {self.tail_samples!r}.")
+        if self.backend == "vllm" and self.tail_samples:
+            raise ConfigError(
+                "--backend vllm cannot draw tail samples: vLLM's prompt_logprobs return only the top-k tokens, not "
+                "the rest of the distribution. Record with --tail_samples 0 (forward KL then uses the tail bucket "
+                "only), or use --backend transformers."
+            )
         if self.seq_len < 2:
             raise ConfigError(f"--seq_len must be at least 2 (a block needs a next token), got {self.seq_len}.")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -140,20 +164,42 @@ class BlockTopK:
     logprobs: Tensor  # (B, L-1, k) float32, descending
     tail_logprob: Tensor  # (B, L-1) float32
     nll: Tensor  # (B,) float64: Σ over positions of −log p(next token) at temperature 1
+    sample_ids: Tensor | None = None  # (B, L-1, S) int64: drawn from the tail, with replacement
+    sample_logprobs: Tensor | None = None  # (B, L-1, S) float32: their log p (not renormalised to the tail)
 
 
-def top_k_of_logits(logits: Tensor, targets: Tensor, top_k: int, temperature: float) -> tuple[Tensor, ...]:
-    """``(ids, logprobs, tail_logprob, nll)`` of one block's logits ``(P, V)`` and next tokens ``(P,)``.
+def sample_tail(log_probs_outside: Tensor, tail: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+    """``samples`` token ids per row ``(P, S)`` drawn with replacement from ``p_j / τ`` over the tokens outside
+    the top k (``log_probs_outside`` is ``log p`` with the top k set to −inf). A row whose tail underflows to zero
+    draws uniformly outside the top k: its samples weigh ``τ ≈ 0`` in the loss anyway."""
+    weights = (log_probs_outside - tail.unsqueeze(-1)).exp_()
+    empty = ~(weights.sum(-1) > 0)  # also catches NaN
+    if empty.any():
+        weights[empty] = torch.isfinite(log_probs_outside[empty]).to(weights.dtype)
+    return torch.multinomial(weights, samples, replacement=True, generator=generator)
+
+
+def top_k_of_logits(
+    logits: Tensor, targets: Tensor, top_k: int, temperature: float, tail_samples: int = 0, seed: int = 0
+) -> tuple[Tensor, ...]:
+    """``(ids, logprobs, tail_logprob, nll, sample_ids, sample_logprobs)`` of one block's logits ``(P, V)`` and
+    next tokens ``(P,)``; the samples are ``None`` when ``tail_samples`` is 0.
 
     The tail is a log-sum-exp over the tokens outside the top k (exact, no ``1 − Σ p`` cancellation); the NLL
-    is at temperature 1 whatever the recording temperature.
+    is at temperature 1 whatever the recording temperature. Samples are drawn with a generator seeded by
+    ``seed`` (the recording seeds it from the block's tokens, so a resumed recording draws the same ones).
     """
     logits = logits.float()
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
     log_probs = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
     values, ids = log_probs.topk(top_k, dim=-1)
-    tail = log_probs.scatter_(-1, ids, float("-inf")).logsumexp(-1).clamp_(min=TAIL_LOGPROB_FLOOR)
-    return ids, values, tail, nll
+    outside = log_probs.scatter_(-1, ids, float("-inf"))
+    tail = outside.logsumexp(-1).clamp_(min=TAIL_LOGPROB_FLOOR)
+    if not tail_samples:
+        return ids, values, tail, nll, None, None
+    generator = torch.Generator(device=logits.device).manual_seed(seed)
+    sample_ids = sample_tail(outside, tail, tail_samples, generator)
+    return ids, values, tail, nll, sample_ids, outside.gather(-1, sample_ids)
 
 
 class TransformersBackend:
@@ -163,11 +209,19 @@ class TransformersBackend:
     time, so the full-vocabulary logits of a whole batch never exist at once.
     """
 
-    def __init__(self, teacher, top_k: int, temperature: float, device: torch.device):
+    def __init__(
+        self, teacher, top_k: int, temperature: float, device: torch.device, tail_samples: int = 0, seed: int = 0
+    ):
         from ..chunked import hidden_state_path_problem
 
         self.teacher, self.top_k, self.temperature, self.device = teacher, top_k, temperature, device
+        self.tail_samples, self.seed = tail_samples, seed
         self.by_head = hidden_state_path_problem(teacher, teacher=True) is None
+
+    def _top_k(self, logits: Tensor, block: Tensor) -> tuple[Tensor, ...]:
+        # Seeded by the block's tokens: the same block draws the same samples in any batch, and after a resume.
+        seed = (block_hash(block) + self.seed) % 2**63
+        return top_k_of_logits(logits, block[1:], self.top_k, self.temperature, self.tail_samples, seed)
 
     def __call__(self, input_ids: Tensor) -> BlockTopK:
         from ..chunked import teacher_hidden_states
@@ -179,14 +233,13 @@ class TransformersBackend:
                 hidden = teacher_hidden_states(self.teacher, ids, None)
                 head = self.teacher.get_output_embeddings()
                 for row in range(ids.shape[0]):
-                    logits = head(hidden[row, :-1])
-                    results.append(top_k_of_logits(logits, ids[row, 1:], self.top_k, self.temperature))
+                    results.append(self._top_k(head(hidden[row, :-1]), ids[row]))
             else:
                 all_logits = self.teacher(input_ids=ids, use_cache=False).logits
                 for row in range(ids.shape[0]):
-                    results.append(top_k_of_logits(all_logits[row, :-1], ids[row, 1:], self.top_k, self.temperature))
-        ids_, values, tails, nlls = (torch.stack([r[i] for r in results]).cpu() for i in range(4))
-        return BlockTopK(ids_, values, tails, nlls)
+                    results.append(self._top_k(all_logits[row, :-1], ids[row]))
+        stacked = [None if results[0][i] is None else torch.stack([r[i] for r in results]).cpu() for i in range(6)]
+        return BlockTopK(*stacked)
 
 
 class VllmBackend:
@@ -311,7 +364,10 @@ def block_hash(input_ids: Tensor) -> int:
 
 # What training reads per row.
 ROW_TENSORS = ("top_ids", "top_logprobs", "tail_logprob", "input_hash", "teacher_nll")
-SETTING_KEYS = ("seq_len", "top_k", "temperature", "logprob_dtype", "id_dtype", "rows_per_shard", "vocab_size")
+SAMPLE_TENSORS = ("tail_sample_ids", "tail_sample_logprobs")  # in caches recorded with tail samples
+SETTING_KEYS = (
+    "seq_len", "top_k", "tail_samples", "temperature", "logprob_dtype", "id_dtype", "rows_per_shard", "vocab_size"
+)  # fmt: skip
 
 
 def _settings(config: RecordConfig, vocab_size: int) -> dict[str, Any]:
@@ -319,6 +375,7 @@ def _settings(config: RecordConfig, vocab_size: int) -> dict[str, Any]:
     return {
         "seq_len": config.seq_len,
         "top_k": config.top_k,
+        "tail_samples": config.tail_samples,
         "temperature": config.temperature,
         "logprob_dtype": config.logprob_dtype,
         "id_dtype": id_dtype,
@@ -332,12 +389,24 @@ def _shard_name(split: str, index: int) -> str:
 
 
 def bytes_per_token(settings: dict[str, Any]) -> float:
-    """Stored bytes per token of a cache with these settings (ids, log-probabilities, tail; per-row extras)."""
-    k, length = settings["top_k"], settings["seq_len"]
+    """Stored bytes per token of a cache with these settings (ids, log-probabilities, tail, tail samples; per-row
+    extras)."""
+    k, length, samples = settings["top_k"], settings["seq_len"], settings.get("tail_samples", 0)
     id_bytes = 2 if settings["id_dtype"] == "uint16" else 4
-    per_position = k * id_bytes + k * 2 + 2
+    per_position = (k + samples) * (id_bytes + 2) + 2
     per_row = 8 + 8 + 4  # block_index, input_hash, teacher_nll
     return (per_position * (length - 1) + per_row) / length
+
+
+# BlockTopK field -> shard row key.
+BLOCK_FIELDS = {
+    "ids": "ids",
+    "logprobs": "logprobs",
+    "tail_logprob": "tail",
+    "nll": "nll",
+    "sample_ids": "sample_ids",
+    "sample_logprobs": "sample_logprobs",
+}
 
 
 def _write_shard(path: Path, rows: dict[str, Tensor], settings: dict[str, Any]) -> None:
@@ -353,6 +422,9 @@ def _write_shard(path: Path, rows: dict[str, Tensor], settings: dict[str, Any]) 
         "top_logprobs": rows["logprobs"].to(lp_dtype).contiguous(),
         "tail_logprob": rows["tail"].to(lp_dtype).contiguous(),
     }
+    if settings["tail_samples"]:
+        tensors["tail_sample_ids"] = rows["sample_ids"].to(id_dtype).contiguous()
+        tensors["tail_sample_logprobs"] = rows["sample_logprobs"].to(lp_dtype).contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT})
 
@@ -484,7 +556,9 @@ def record(
         if config.backend == "vllm":
             backend = VllmBackend(engine_params[0], config.top_k, engine_params[1])
         else:
-            backend = TransformersBackend(teacher, config.top_k, config.temperature, device)
+            backend = TransformersBackend(
+                teacher, config.top_k, config.temperature, device, config.tail_samples, config.seed
+            )
 
     datasets_by_split = {"train": data.train, "eval": data.eval}
     total_tokens = sum(len(ds) for ds in datasets_by_split.values()) * config.seq_len
@@ -521,17 +595,22 @@ def record(
                 bar.close()
                 return output
             rows = dataset.select(range(start, stop))
-            parts: dict[str, list[Tensor]] = {"ids": [], "logprobs": [], "tail": [], "nll": []}
+            parts: dict[str, list[Tensor]] = {key: [] for key in BLOCK_FIELDS.values()}
             for batch_start in range(0, len(rows), config.batch_size):
                 ids = torch.tensor(rows[batch_start : batch_start + config.batch_size]["input_ids"], dtype=torch.long)
                 result = backend(ids)
-                for key, value in (("ids", result.ids), ("logprobs", result.logprobs), ("tail", result.tail_logprob)):
-                    parts[key].append(value)
-                parts["nll"].append(result.nll)
+                if (result.sample_ids is not None) != bool(config.tail_samples):
+                    raise CacheError(
+                        f"The recording backend returned {'no ' if result.sample_ids is None else ''}tail samples; "
+                        f"--tail_samples is {config.tail_samples}."
+                    )
+                for name, key in BLOCK_FIELDS.items():
+                    if getattr(result, name) is not None:
+                        parts[key].append(getattr(result, name))
                 bar.update(ids.numel())
                 recorded_tokens += ids.numel()
             blocks = torch.tensor(rows["input_ids"], dtype=torch.long)
-            shard_rows = {key: torch.cat(value) for key, value in parts.items()}
+            shard_rows = {key: torch.cat(value) for key, value in parts.items() if value}
             shard_rows["block_index"] = torch.tensor(rows["block_index"], dtype=torch.int64)
             shard_rows["input_hash"] = torch.tensor([block_hash(block) for block in blocks], dtype=torch.int64)
             _write_shard(path, shard_rows, settings)
@@ -597,7 +676,8 @@ class TeacherCache:
                 "complete it (finished shards are kept)."
             )
         identity = self.manifest["identity"]
-        self.settings = {key: identity[key] for key in SETTING_KEYS}
+        self.settings = {key: identity.get(key, 0) for key in SETTING_KEYS}  # tail_samples: 0 in older caches
+        self.row_tensors = ROW_TENSORS + (SAMPLE_TENSORS if self.settings["tail_samples"] else ())
         self.identity = identity
         self._handles: dict[tuple[str, int], Any] = {}
         self._slice_cache: dict[tuple[str, int], dict[str, Any]] = {}
@@ -613,6 +693,10 @@ class TeacherCache:
     @property
     def top_k(self) -> int:
         return self.settings["top_k"]
+
+    @property
+    def tail_samples(self) -> int:
+        return self.settings["tail_samples"]
 
     @property
     def seq_len(self) -> int:
@@ -730,7 +814,7 @@ class TeacherCache:
         key = (split, shard)
         if key not in self._slice_cache:
             handle = self._handle(split, shard)
-            self._slice_cache[key] = {name: handle.get_slice(name) for name in ROW_TENSORS}
+            self._slice_cache[key] = {name: handle.get_slice(name) for name in self.row_tensors}
         return self._slice_cache[key]
 
     def row_of_block(self, split: str) -> np.ndarray:
@@ -767,18 +851,22 @@ class TeacherCache:
 
     def read_rows(self, split: str, rows: np.ndarray) -> dict[str, Tensor]:
         """``top_ids`` (int64), ``top_logprobs``, ``tail_logprob`` (float32), ``input_hash``, ``teacher_nll`` of
-        ``rows``, in that order, each read from its memory-mapped shard (only those rows are touched)."""
+        ``rows`` (and ``tail_sample_ids``, ``tail_sample_logprobs`` when recorded), each read from its
+        memory-mapped shard (only those rows are touched)."""
         per_shard = self.settings["rows_per_shard"]
-        parts: dict[str, list[Tensor]] = {name: [] for name in ROW_TENSORS}
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.row_tensors}
         for row in rows.tolist():
             slices = self._slices(split, row // per_shard)
             local = row % per_shard
-            for name in ROW_TENSORS:
+            for name in self.row_tensors:
                 parts[name].append(slices[name][local : local + 1])
         out = {name: torch.cat(value) for name, value in parts.items()}
-        out["top_ids"] = out["top_ids"].to(torch.int64)
-        out["top_logprobs"] = out["top_logprobs"].float()
-        out["tail_logprob"] = out["tail_logprob"].float()
+        for name in ("top_ids", "tail_sample_ids"):
+            if name in out:
+                out[name] = out[name].to(torch.int64)
+        for name in ("top_logprobs", "tail_logprob", "tail_sample_logprobs"):
+            if name in out:
+                out[name] = out[name].float()
         return out
 
     def total_nll(self, split: str) -> float:
@@ -816,11 +904,18 @@ class TeacherCache:
         mask_cpu = mask.to("cpu")
         counts = mask_cpu.sum(-1).clamp(min=1).to(torch.float64)
         per_token_nll = (data["teacher_nll"].double() / counts)[:, None].expand_as(mask_cpu)[mask_cpu]
+        samples = {}
+        if self.tail_samples:
+            samples = {
+                "sample_ids": data["tail_sample_ids"][mask_cpu].to(device),
+                "sample_logprobs": data["tail_sample_logprobs"][mask_cpu].to(device),
+            }
         return RecordedSignal(
             SparseTeacher(
                 ids=data["top_ids"][mask_cpu].to(device),
                 logprobs=data["top_logprobs"][mask_cpu].to(device),
                 tail_logprob=data["tail_logprob"][mask_cpu].to(device),
+                **samples,
             ),
             per_token_nll.float().to(device),
         )
@@ -841,7 +936,7 @@ class RecordedSignal(SparseTeacherSignal):
         self.teacher, self.nll = teacher, nll
 
     def top_k(self, rows: slice) -> SparseTeacher:
-        return SparseTeacher(self.teacher.ids[rows], self.teacher.logprobs[rows], self.teacher.tail_logprob[rows])
+        return self.teacher[rows]
 
     def teacher_nll(self, rows: slice) -> Tensor:
         return self.nll[rows]
