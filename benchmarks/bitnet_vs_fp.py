@@ -40,11 +40,13 @@ def variants(args) -> dict[str, dict]:
     found = {"fp": {"student_config": {"num_hidden_layers": 4}}}
     for warmup in args.warmups:
         for lr in args.bitnet_lrs:
-            name = f"bitnet-w{warmup}-lr{lr:g}"
-            found[name] = {
-                "student_config": {"num_hidden_layers": 4, "bitnet": {"warmup_steps": warmup}},
-                "learning_rate": lr,
-            }
+            for latent_lr in args.latent_lrs:
+                name = f"bitnet-w{warmup}-lr{lr:g}" + (f"-latent{latent_lr:g}" if latent_lr else "")
+                bitnet = {"warmup_steps": warmup, "learning_rate": latent_lr}
+                found[name] = {
+                    "student_config": {"num_hidden_layers": 4, "bitnet": bitnet},
+                    "learning_rate": lr,
+                }
     return found
 
 
@@ -128,6 +130,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--warmups", type=int, nargs="+", default=[0, 150], help="BitNet warm-up steps to try")
     parser.add_argument("--bitnet_lrs", type=float, nargs="+", default=[5e-4], help="BitNet learning rates to try")
+    parser.add_argument(
+        "--latent_lrs",
+        type=lambda text: None if text == "none" else float(text),
+        nargs="+",
+        default=[None],
+        help="bitnet.learning_rate values to try (the ternary latent weights' own rate; 'none': --learning_rate)",
+    )
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="runs/bench-bitnet")

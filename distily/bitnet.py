@@ -67,16 +67,27 @@ class BitNetOptions:
     """How a student becomes a BitNet b1.58 student (``--student_config '{"bitnet": {...}}'``).
 
     ``warmup_steps``: optimizer steps over which quantisation is blended in, ``λ = min(1, step / warmup_steps)``;
-    0 quantises fully from the first step. ``true`` instead of an object takes the defaults.
+    0 quantises fully from the first step. ``learning_rate``: peak learning rate of the ternary projections'
+    latent weights (their own optimizer group, same schedule); None uses ``--learning_rate``. A ternary code
+    flips only when its latent weight moves by a fraction of ``γ = mean|W|``, so these weights want larger steps
+    than the embeddings and norms (notes.md, benchmarks/RESULTS.md). ``true`` instead of an object takes the
+    defaults.
     """
 
     warmup_steps: int = 0
+    learning_rate: float | None = None
 
     def __post_init__(self):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(
                 f"bitnet warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}. "
                 'Example: --student_config \'{"bitnet": {"warmup_steps": 100}}\' (0 = quantise from step 0).'
+            )
+        rate = self.learning_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise ConfigError(
+                f"bitnet learning_rate must be a number > 0 (or null for --learning_rate), got {rate!r}. "
+                'Example: --student_config \'{"bitnet": {"learning_rate": 0.002}}\'.'
             )
 
 
@@ -470,6 +481,27 @@ def bitnet_options_of(model: nn.Module) -> BitNetOptions | None:
     if not recorded or not is_bitnet_student(model):
         return None
     return BitNetOptions(**{k: v for k, v in recorded.items() if k in BitNetOptions.__dataclass_fields__})
+
+
+def separate_latent_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Move the ternary projections' latent weights into their own parameter groups at ``learning_rate`` (one
+    per existing group they were in, so weight decay and other settings carry over). Call before the learning-rate
+    scheduler is built, so it scales the new groups too. Returns how many weights moved (0: nothing to do)."""
+    options = bitnet_options_of(model)
+    if options is None or options.learning_rate is None:
+        return 0
+    latent = {id(module.weight) for module in bitlinear_modules(model).values()}
+    moved_groups = []
+    for group in optimizer.param_groups:
+        moved = [p for p in group["params"] if id(p) in latent]
+        if moved and not group.get("bitnet_latent"):  # (Trainer hands back its optimizer on a second call)
+            group["params"] = [p for p in group["params"] if id(p) not in latent]
+            settings = {key: value for key, value in group.items() if key not in ("params", "initial_lr")}
+            rate = float(options.learning_rate)
+            moved_groups.append({**settings, "params": moved, "lr": rate, "bitnet_latent": True})
+    for group in moved_groups:
+        optimizer.add_param_group(group)
+    return sum(len(group["params"]) for group in moved_groups)
 
 
 def warmup_callback(model: nn.Module) -> BitNetWarmup | None:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .bitnet import warmup_callback
+from .bitnet import separate_latent_weights, warmup_callback
 from .chunked import (
     HeadTeacherSignal,
     LogitsTeacherSignal,
@@ -304,8 +304,10 @@ class DistillationTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer for the student, plus one parameter group for the projectors (learning rate
-        ``projector_learning_rate`` or ``learning_rate``, the student's weight decay and schedule)."""
+        ``projector_learning_rate`` or ``learning_rate``, the student's weight decay and schedule), and for a
+        BitNet student with ``bitnet.learning_rate`` its own groups for the ternary latent weights."""
         optimizer = super().create_optimizer(model)
+        separate_latent_weights(self.model, optimizer)
         params = [p for p in self.intermediate.parameters() if p.requires_grad] if self.intermediate else []
         already = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if params and not any(id(p) in already for p in params):

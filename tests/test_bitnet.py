@@ -20,6 +20,7 @@ from distily.bitnet import (
     SubLNorm,
     absmax_quantize,
     absmean_quantize,
+    bitlinear_modules,
     convert_to_bitnet,
     fp16_bytes,
     load_bitnet_student,
@@ -318,6 +319,8 @@ def test_unsupported_students_and_options_are_refused():
         build_student(tiny_teacher(), {"bitnet": {"warmup": 3}})
     with pytest.raises(ConfigError, match="warmup_steps must be a whole number >= 0"):
         StudentArguments(student_config='{"bitnet": {"warmup_steps": -1}}')
+    with pytest.raises(ConfigError, match="learning_rate must be a number > 0"):
+        StudentArguments(student_config='{"bitnet": {"learning_rate": 0}}')
     with pytest.raises(ConfigError, match='"bitnet" must be true, false or an object'):
         StudentArguments(student_config='{"bitnet": "yes"}')
     assert parse_bitnet_option(False) is None and parse_bitnet_option(True) == BitNetOptions(warmup_steps=0)
@@ -359,6 +362,37 @@ def test_tiny_bitnet_student_trains_and_loss_goes_down(tmp_path):
     )
     assert not torch.equal(absmean_quantize(q_proj.weight)[0],
                            absmean_quantize(before["model.layers.0.self_attn.q_proj.weight"])[0])  # fmt: skip
+
+
+def test_bitnet_learning_rate_gives_the_latent_weights_their_own_groups(tmp_path):
+    """``bitnet.learning_rate``: the ternary projections' latent weights train at that rate, under the same
+    schedule; the embeddings and norms keep --learning_rate."""
+    teacher = tiny_teacher()
+    student = build_student(teacher, {"num_hidden_layers": 2, "bitnet": {"learning_rate": 4e-3}})
+    latent = {id(m.weight) for m in bitlinear_modules(student).values()}
+    config = make_config(tmp_path, learning_rate=1e-3, max_steps=4, warmup_steps=2, lr_scheduler_type="linear")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=random_blocks(16))
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    trainer.create_optimizer()  # a second call changes nothing
+    groups = trainer.optimizer.param_groups
+    by_kind = {
+        "latent": [g for g in groups if g.get("bitnet_latent")],
+        "rest": [g for g in groups if not g.get("bitnet_latent") and g["params"]],
+    }
+    assert {id(p) for g in by_kind["latent"] for p in g["params"]} == latent
+    assert not latent & {id(p) for g in by_kind["rest"] for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()  # step 1 of a 2-step linear warm-up: half of each peak rate
+    assert [g["lr"] for g in by_kind["latent"]] == pytest.approx([2e-3] * len(by_kind["latent"]))
+    assert [g["lr"] for g in by_kind["rest"]] == pytest.approx([5e-4] * len(by_kind["rest"]))
+    # Training with it runs and the groups keep their ratio.
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=random_blocks(16))
+    trainer.train()
+    rates = {flag: [g["lr"] for g in trainer.optimizer.param_groups if g["params"] and g.get("bitnet_latent") == flag]
+             for flag in (True, None)}  # fmt: skip
+    assert rates[True] and rates[None]
+    assert rates[True] == pytest.approx([4 * rates[None][0]] * len(rates[True]))
 
 
 def test_warmup_follows_global_step_and_ends_fully_quantised(tmp_path):
