@@ -22,7 +22,7 @@ position predicts nothing training uses): ``top_ids`` ``(R, P, k)`` uint16 (int3
 ``teacher_nll`` (the teacher's summed cross-entropy over the block, from the full logits). With tail samples,
 ``tail_sample_ids`` ``(R, P, S)`` and ``tail_sample_logprobs`` ``(R, P, S)`` too. At k = 64 that is
 ``(64·2 + 64·2 + 2) · (L − 1)/L`` bytes per token without samples (257.5 at L = 512), plus ``S · 4`` with
-(289.4 with the default S = 8).
+(289.5 with the default S = 8).
 
 Shards are written atomically (temporary file, then rename) and the manifest after each one, so a recording
 killed at any point is finished by running the same command again. Every shard's sha256 is in the manifest;
