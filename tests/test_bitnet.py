@@ -237,7 +237,7 @@ def test_converted_student_layout_and_lambda_zero_is_the_fp_student():
     student = build_student(teacher, {"num_hidden_layers": 2, "bitnet": True})
     assert isinstance(student, BitNetForCausalLM) and student.training
     assert student.config.model_type == "bitnet" and student.config.hidden_act == "silu"
-    assert student.config.distily_bitnet == {"warmup_steps": 0, "format": "latent"}
+    assert student.config.distily_bitnet == {"warmup_steps": 0, "learning_rate": None, "format": "latent"}
     assert student.config.quantization_config["quantization_mode"] == "online"
     assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3]}
     for layer in student.model.layers:
@@ -591,7 +591,8 @@ def test_cli_bitnet_run_writes_latent_and_packed_students(
     assert main([*args, "--save_steps", "2"]) == 0
 
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model_type"] == "bitnet" and saved["distily_bitnet"] == {"warmup_steps": 2, "format": "latent"}
+    assert saved["model_type"] == "bitnet"
+    assert saved["distily_bitnet"] == {"warmup_steps": 2, "learning_rate": None, "format": "latent"}
     assert json.loads((out / "checkpoint-2" / "config.json").read_text())["distily_bitnet"]["format"] == "latent"
     manifest = json.loads((out / "distily_run.json").read_text())
     assert manifest["status"] == "finished" and manifest["global_step"] == 3
