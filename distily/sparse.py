@@ -110,6 +110,14 @@ def student_bucket_log_probs(student_logits: Tensor, ids: Tensor) -> Tensor:
     return torch.cat([top, outside], dim=-1)
 
 
+def _sampled_tail_kl(log_tail: Tensor, sample_log_p: Tensor, log_tail_q: Tensor, log_q_samples: Tensor) -> Tensor:
+    """``(τ / S) Σ_s (log p̃_{t_s} − log q̃_{t_s})`` per token ``(N,)``, the sampled estimate of the tail's own
+    forward KL (module docstring), from ``log τ`` ``(N,)``, the samples' ``log p`` ``(N, S)``, the student's
+    ``log Q_τ`` ``(N,)`` and its ``log q`` at the samples ``(N, S)``."""
+    drawn = (sample_log_p - log_tail.unsqueeze(-1)) - (log_q_samples - log_tail_q.unsqueeze(-1))
+    return log_tail.exp() * drawn.mean(-1)
+
+
 class _BucketForwardKL(torch.autograd.Function):
     """Forward KL on the buckets, plus the tail-sample term when there are samples, with its closed-form gradient
     (the default loss, so worth the shortcut).
@@ -134,8 +142,7 @@ class _BucketForwardKL(torch.autograd.Function):
             grad = q.mul_((1.0 - tau / tail_q.clamp(min=torch.finfo(q.dtype).tiny)).unsqueeze(-1))
         else:
             log_q_samples = student_logits.gather(-1, sample_ids) - log_normaliser
-            drawn = (sample_log_p - log_tail.unsqueeze(-1)) - (log_q_samples - log_tail_q.unsqueeze(-1))
-            value = value + tau * drawn.mean(-1)
+            value = value + _sampled_tail_kl(log_tail, sample_log_p, log_tail_q, log_q_samples)
             weight = (tau / sample_ids.shape[-1]).unsqueeze(-1).expand_as(sample_ids)
             grad = q.scatter_add_(-1, sample_ids, -weight)  # q_j − τ c_j / S outside the top k (zero inside yet)
         grad = grad.scatter_(-1, ids, q_top - p)
@@ -147,17 +154,6 @@ class _BucketForwardKL(torch.autograd.Function):
     def backward(ctx, grad_value: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_value.unsqueeze(-1), None, None, None, None, None
-
-
-def tail_sample_term(student_logits: Tensor, teacher: SparseTeacher) -> Tensor:
-    """``(τ / S) Σ_s (log p̃_{t_s} − log q̃_{t_s})`` per token ``(N,)``: the sampled estimate of the tail's own
-    forward KL (module docstring), differentiable by autograd. ``student_logits`` are already tempered."""
-    log_normaliser = student_logits.logsumexp(-1, keepdim=True)
-    log_tail_q = student_logits.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1, keepdim=True)
-    log_q_samples = student_logits.gather(-1, teacher.sample_ids) - log_normaliser
-    log_tail = teacher.tail_logprob.unsqueeze(-1)
-    drawn = (teacher.sample_logprobs - log_tail) - (log_q_samples - (log_tail_q - log_normaliser))
-    return teacher.tail_logprob.exp() * drawn.mean(-1)
 
 
 def sparse_token_divergence(
@@ -187,10 +183,12 @@ def sparse_token_divergence(
             student_logits, ids, target[:, :-1], target[:, -1], *(samples or (None, None))
         )
     else:
-        per_token = loss_fn(student_bucket_log_probs(student_logits, ids), target)
+        student_buckets = student_bucket_log_probs(student_logits, ids)
+        per_token = loss_fn(student_buckets, target)
         if samples is not None:
-            renormalised = SparseTeacher(ids, target[:, :-1], target[:, -1], *samples)
-            per_token = per_token + tail_sample_term(student_logits, renormalised)
+            sample_ids, sample_log_p = samples
+            log_q_samples = student_logits.gather(-1, sample_ids) - student_logits.logsumexp(-1, keepdim=True)
+            per_token = per_token + _sampled_tail_kl(target[:, -1], sample_log_p, student_buckets[:, -1], log_q_samples)
     if per_token.shape != student_logits.shape[:1]:
         raise ValueError(
             f"A loss must return one value per token, shape ({student_logits.shape[0]},); got {tuple(per_token.shape)}."

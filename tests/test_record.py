@@ -319,9 +319,11 @@ def test_tail_sample_shortcut_matches_autograd_and_the_no_grad_value():
         loss = (lambda s, t: forward_kl(s, t)) if generic else forward_kl
         value = sparse_token_divergence(logits, sampled, loss, temperature=2.0)
         if generic:  # a wrapper is not forward_kl: the samples are not used, so add their term by hand
-            from distily.sparse import tail_sample_term
-
-            value = value + tail_sample_term(logits / 2.0, sampled)
+            log_q = (logits / 2.0).log_softmax(-1)
+            log_tail_q = log_q.scatter(-1, sampled.ids, float("-inf")).logsumexp(-1, keepdim=True)
+            log_tail = sampled.tail_logprob.unsqueeze(-1)
+            drawn = (sampled.sample_logprobs - log_tail) - (log_q.gather(-1, sampled.sample_ids) - log_tail_q)
+            value = value + sampled.tail_logprob.exp() * drawn.mean(-1)
         (value * torch.arange(1.0, 7.0)).sum().backward()
         results.append((value.detach(), logits.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)

@@ -38,7 +38,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -238,8 +238,7 @@ class TransformersBackend:
                 all_logits = self.teacher(input_ids=ids, use_cache=False).logits
                 for row in range(ids.shape[0]):
                     results.append(self._top_k(all_logits[row, :-1], ids[row]))
-        stacked = [None if results[0][i] is None else torch.stack([r[i] for r in results]).cpu() for i in range(6)]
-        return BlockTopK(*stacked)
+        return BlockTopK(*(None if part[0] is None else torch.stack(part).cpu() for part in zip(*results, strict=True)))
 
 
 class VllmBackend:
@@ -398,17 +397,6 @@ def bytes_per_token(settings: dict[str, Any]) -> float:
     return (per_position * (length - 1) + per_row) / length
 
 
-# BlockTopK field -> shard row key.
-BLOCK_FIELDS = {
-    "ids": "ids",
-    "logprobs": "logprobs",
-    "tail_logprob": "tail",
-    "nll": "nll",
-    "sample_ids": "sample_ids",
-    "sample_logprobs": "sample_logprobs",
-}
-
-
 def _write_shard(path: Path, rows: dict[str, Tensor], settings: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -420,7 +408,7 @@ def _write_shard(path: Path, rows: dict[str, Tensor], settings: dict[str, Any]) 
         "teacher_nll": rows["nll"].to(torch.float32),
         "top_ids": rows["ids"].to(id_dtype).contiguous(),
         "top_logprobs": rows["logprobs"].to(lp_dtype).contiguous(),
-        "tail_logprob": rows["tail"].to(lp_dtype).contiguous(),
+        "tail_logprob": rows["tail_logprob"].to(lp_dtype).contiguous(),
     }
     if settings["tail_samples"]:
         tensors["tail_sample_ids"] = rows["sample_ids"].to(id_dtype).contiguous()
@@ -595,18 +583,20 @@ def record(
                 bar.close()
                 return output
             rows = dataset.select(range(start, stop))
-            parts: dict[str, list[Tensor]] = {key: [] for key in BLOCK_FIELDS.values()}
+            parts: dict[str, list[Tensor]] = {part.name: [] for part in fields(BlockTopK)}
             for batch_start in range(0, len(rows), config.batch_size):
                 ids = torch.tensor(rows[batch_start : batch_start + config.batch_size]["input_ids"], dtype=torch.long)
                 result = backend(ids)
                 if (result.sample_ids is not None) != bool(config.tail_samples):
                     raise CacheError(
-                        f"The recording backend returned {'no ' if result.sample_ids is None else ''}tail samples; "
-                        f"--tail_samples is {config.tail_samples}."
+                        f"The recording backend returned {'no ' if result.sample_ids is None else ''}tail samples, "
+                        f"but --tail_samples is {config.tail_samples}. A backend must return sample_ids and "
+                        "sample_logprobs exactly when tail samples are asked for; record with a matching "
+                        "--tail_samples."
                     )
-                for name, key in BLOCK_FIELDS.items():
+                for name, parts_of_field in parts.items():
                     if getattr(result, name) is not None:
-                        parts[key].append(getattr(result, name))
+                        parts_of_field.append(getattr(result, name))
                 bar.update(ids.numel())
                 recorded_tokens += ids.numel()
             blocks = torch.tensor(rows["input_ids"], dtype=torch.long)
@@ -676,7 +666,8 @@ class TeacherCache:
                 "complete it (finished shards are kept)."
             )
         identity = self.manifest["identity"]
-        self.settings = {key: identity.get(key, 0) for key in SETTING_KEYS}  # tail_samples: 0 in older caches
+        # Caches recorded before tail samples existed have none.
+        self.settings = {key: identity[key] if key != "tail_samples" else identity.get(key, 0) for key in SETTING_KEYS}
         self.row_tensors = ROW_TENSORS + (SAMPLE_TENSORS if self.settings["tail_samples"] else ())
         self.identity = identity
         self._handles: dict[tuple[str, int], Any] = {}
