@@ -1,17 +1,20 @@
 """BitNet b1.58 student vs full-precision student at equal distillation steps, on the demo setting.
 
 Teacher: the embedded SmolLM2-135M-Instruct; students: 4 layers of the same width initialised from teacher layers
-0, 10, 19, 29; corpus: python-stdlib; objective, batch, learning rate and schedule: configs/demo.yaml. Each
-variant is one ``distily.run.train`` run (the code path of the ``distily`` command). Reported per variant:
+0, 10, 19, 29; corpus: python-stdlib; objective, batch and schedule: configs/demo.yaml. Learning rates are swept
+per kind of student (``--fp_lrs``, ``--bitnet_lrs``, ``--latent_lrs``) with BitNet warm-ups (``--warmups``), so
+each kind is compared at its best. Each variant is one ``distily.run.train`` run (the code path of the
+``distily`` command). Reported per variant:
 
-* eval perplexity after the same number of steps (``eval_student_ppl``), and its ratio to the fp student's;
+* eval perplexity after the same number of steps (``eval_student_ppl``), and its ratio to the best fp student's;
 * seconds per training step: student forward + backward on the same batch, the variants interleaved, repeated,
   median (the teacher's forward is the same for every variant and left out);
 * size on disk: the fp student's safetensors in float32 and float16, the packed BitNet folder in float32 and
   bfloat16 (non-ternary tensors).
 
-    python benchmarks/bitnet_vs_fp.py --max_steps 300 --out runs/bench-bitnet      # the recorded run
-    python benchmarks/bitnet_vs_fp.py --quick                                       # a 6-step smoke run
+    python benchmarks/bitnet_vs_fp.py --max_steps 200 --fp_lrs 5e-4 2e-3 4e-3 --bitnet_lrs 2e-3 4e-3 \
+        --warmups 0 50 --out runs/bench-bitnet             # a sweep; finished variants are resumed
+    python benchmarks/bitnet_vs_fp.py --quick             # a 6-step smoke run
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from distily.run import train  # noqa: E402
 
 
 def variants(args) -> dict[str, dict]:
-    """Student config and learning rate of each variant; "fp" is the baseline."""
-    found = {"fp": {"student_config": {"num_hidden_layers": 4}}}
+    """Student config and learning rate of each variant; the best "fp-*" variant is the baseline."""
+    found = {f"fp-lr{lr:g}": {"student_config": {"num_hidden_layers": 4}, "learning_rate": lr} for lr in args.fp_lrs}
     for warmup in args.warmups:
         for lr in args.bitnet_lrs:
             for latent_lr in args.latent_lrs:
@@ -81,11 +84,15 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     }
 
 
+def is_fp(name: str) -> bool:
+    return name.startswith("fp-")
+
+
 def load_student(name: str, args):
     from transformers import AutoModelForCausalLM
 
     folder = Path(args.out) / name
-    return AutoModelForCausalLM.from_pretrained(folder) if name == "fp" else load_bitnet_student(folder)
+    return AutoModelForCausalLM.from_pretrained(folder) if is_fp(name) else load_bitnet_student(folder)
 
 
 def interleaved_step_times(names: list[str], args) -> dict[str, float]:
@@ -106,7 +113,7 @@ def interleaved_step_times(names: list[str], args) -> dict[str, float]:
 
 def sizes(name: str, args) -> dict[str, int]:
     folder = Path(args.out) / name
-    if name == "fp":
+    if is_fp(name):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder)
@@ -129,6 +136,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--warmups", type=int, nargs="+", default=[0, 150], help="BitNet warm-up steps to try")
+    parser.add_argument("--fp_lrs", type=float, nargs="+", default=[5e-4], help="fp student learning rates to try")
     parser.add_argument("--bitnet_lrs", type=float, nargs="+", default=[5e-4], help="BitNet learning rates to try")
     parser.add_argument(
         "--latent_lrs",
@@ -159,14 +167,15 @@ def main(argv=None) -> int:
         results[name]["step_seconds"] = round(step_times[name], 4)
         results[name]["sizes"] = sizes(name, args)
 
-    fp = results["fp"]
+    best_fp_name = min((name for name in results if is_fp(name)), key=lambda name: results[name]["eval_ppl"])
+    fp = results[best_fp_name]
     print(f"\nCommand: {shlex.join(['python', *sys.argv])}")
-    print(f"Steps: {args.max_steps}; teacher eval ppl {fp['teacher_ppl']:.2f}\n")
-    print("| variant | lr | eval ppl | vs fp | step s (fwd+bwd) | vs fp | on disk | vs fp16 |")
+    print(f"Steps: {args.max_steps}; teacher eval ppl {fp['teacher_ppl']:.2f}; baseline: {best_fp_name}\n")
+    print("| variant | lr | eval ppl | vs best fp | step s (fwd+bwd) | vs fp | on disk | vs fp16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         disk = r["sizes"].get("packed_bf16", r["sizes"].get("safetensors_fp16"))
-        label = "fp16 safetensors" if name == "fp" else "packed, bf16 rest"
+        label = "fp16 safetensors" if is_fp(name) else "packed, bf16 rest"
         print(
             f"| {name} | {r['learning_rate']:g} | {r['eval_ppl']:.2f} | {r['eval_ppl'] / fp['eval_ppl']:.3f} | "
             f"{r['step_seconds']:.3f} | {r['step_seconds'] / fp['step_seconds']:.2f} | "
