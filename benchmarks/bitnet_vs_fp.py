@@ -14,6 +14,7 @@ each kind is compared at its best. Each variant is one ``distily.run.train`` run
 
     python benchmarks/bitnet_vs_fp.py --max_steps 200 --fp_lrs 5e-4 2e-3 4e-3 --bitnet_lrs 2e-3 4e-3 \
         --warmups 0 50 --out runs/bench-bitnet             # a sweep; finished variants are resumed
+    python benchmarks/bitnet_vs_fp.py --report_only --out runs/bench-bitnet   # the table of every finished variant
     python benchmarks/bitnet_vs_fp.py --quick             # a 6-step smoke run
 """
 
@@ -134,10 +135,10 @@ def sizes(name: str, args) -> dict[str, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max_steps", type=int, default=300)
-    parser.add_argument("--warmups", type=int, nargs="+", default=[0, 150], help="BitNet warm-up steps to try")
-    parser.add_argument("--fp_lrs", type=float, nargs="+", default=[5e-4], help="fp student learning rates to try")
-    parser.add_argument("--bitnet_lrs", type=float, nargs="+", default=[5e-4], help="BitNet learning rates to try")
+    parser.add_argument("--max_steps", type=int, default=200)
+    parser.add_argument("--warmups", type=int, nargs="+", default=[100], help="BitNet warm-up steps to try")
+    parser.add_argument("--fp_lrs", type=float, nargs="+", default=[2e-3], help="fp student learning rates to try")
+    parser.add_argument("--bitnet_lrs", type=float, nargs="+", default=[4e-3], help="BitNet learning rates to try")
     parser.add_argument(
         "--latent_lrs",
         type=lambda text: None if text == "none" else float(text),
@@ -148,6 +149,11 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="runs/bench-bitnet")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="train nothing: time, size and tabulate every finished variant in --out",
+    )
     parser.add_argument("--quick", action="store_true", help="6 steps, 4 eval blocks, 2 repeats: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -155,7 +161,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     results = {}
-    for name, overrides in variants(args).items():
+    if args.report_only:  # every finished variant in --out, fp students first
+        summaries = sorted(Path(args.out).glob("*/bench_summary.json"), key=lambda p: (not is_fp(p.parent.name), p))
+        results = {summary.parent.name: json.loads(summary.read_text()) for summary in summaries}
+        if not any(is_fp(name) for name in results):
+            parser.error(f"--report_only: no finished fp-* variant in {args.out}; run the benchmark first.")
+    for name, overrides in {} if args.report_only else variants(args).items():
         summary = Path(args.out) / name / "bench_summary.json"
         if summary.is_file():  # resume a long benchmark: finished variants are not re-run
             results[name] = json.loads(summary.read_text())
@@ -164,13 +175,16 @@ def main(argv=None) -> int:
         summary.write_text(json.dumps(results[name], indent=2))
     step_times = interleaved_step_times(list(results), args)
     for name in results:
+        state = json.loads((Path(args.out) / name / "trainer_state.json").read_text())
+        results[name]["steps"] = state["global_step"]
         results[name]["step_seconds"] = round(step_times[name], 4)
         results[name]["sizes"] = sizes(name, args)
 
     best_fp_name = min((name for name in results if is_fp(name)), key=lambda name: results[name]["eval_ppl"])
     fp = results[best_fp_name]
     print(f"\nCommand: {shlex.join(['python', *sys.argv])}")
-    print(f"Steps: {args.max_steps}; teacher eval ppl {fp['teacher_ppl']:.2f}; baseline: {best_fp_name}\n")
+    steps = sorted({r["steps"] for r in results.values()})
+    print(f"Steps: {steps}; teacher eval ppl {fp['teacher_ppl']:.2f}; baseline: {best_fp_name}\n")
     print("| variant | lr | eval ppl | vs best fp | step s (fwd+bwd) | vs fp | on disk | vs fp16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
