@@ -85,6 +85,25 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     }
 
 
+def run_variants(args) -> dict[str, dict]:
+    """Train every variant of ``args`` not yet finished in ``--out`` (a long benchmark resumes), and their summaries."""
+    results = {}
+    for name, overrides in variants(args).items():
+        summary = Path(args.out) / name / "bench_summary.json"
+        if summary.is_file():
+            results[name] = json.loads(summary.read_text())
+            continue
+        results[name] = run_variant(name, overrides, args)
+        summary.write_text(json.dumps(results[name], indent=2))
+    return results
+
+
+def finished_variants(out: str) -> dict[str, dict]:
+    """The summaries of every variant finished in ``out``, fp students first (``--report_only``)."""
+    summaries = sorted(Path(out).glob("*/bench_summary.json"), key=lambda path: (not is_fp(path.parent.name), path))
+    return {summary.parent.name: json.loads(summary.read_text()) for summary in summaries}
+
+
 def is_fp(name: str) -> bool:
     return name.startswith("fp-")
 
@@ -160,19 +179,9 @@ def main(argv=None) -> int:
         args.max_steps, args.eval_blocks, args.repeats, args.warmups = 6, 4, 2, [0, 3]
     torch.manual_seed(0)
 
-    results = {}
-    if args.report_only:  # every finished variant in --out, fp students first
-        summaries = sorted(Path(args.out).glob("*/bench_summary.json"), key=lambda p: (not is_fp(p.parent.name), p))
-        results = {summary.parent.name: json.loads(summary.read_text()) for summary in summaries}
-        if not any(is_fp(name) for name in results):
-            parser.error(f"--report_only: no finished fp-* variant in {args.out}; run the benchmark first.")
-    for name, overrides in {} if args.report_only else variants(args).items():
-        summary = Path(args.out) / name / "bench_summary.json"
-        if summary.is_file():  # resume a long benchmark: finished variants are not re-run
-            results[name] = json.loads(summary.read_text())
-            continue
-        results[name] = run_variant(name, overrides, args)
-        summary.write_text(json.dumps(results[name], indent=2))
+    results = finished_variants(args.out) if args.report_only else run_variants(args)
+    if not any(is_fp(name) for name in results):
+        parser.error(f"No finished fp-* variant in {args.out}: run the benchmark with --fp_lrs first.")
     step_times = interleaved_step_times(list(results), args)
     for name in results:
         state = json.loads((Path(args.out) / name / "trainer_state.json").read_text())

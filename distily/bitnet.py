@@ -491,13 +491,13 @@ def separate_latent_weights(model: nn.Module, optimizer: torch.optim.Optimizer) 
     if options is None or options.learning_rate is None:
         return 0
     latent = {id(module.weight) for module in bitlinear_modules(model).values()}
+    rate = float(options.learning_rate)
     moved_groups = []
     for group in optimizer.param_groups:
         moved = [p for p in group["params"] if id(p) in latent]
         if moved and not group.get("bitnet_latent"):  # (Trainer hands back its optimizer on a second call)
             group["params"] = [p for p in group["params"] if id(p) not in latent]
             settings = {key: value for key, value in group.items() if key not in ("params", "initial_lr")}
-            rate = float(options.learning_rate)
             moved_groups.append({**settings, "params": moved, "lr": rate, "bitnet_latent": True})
     for group in moved_groups:
         optimizer.add_param_group(group)

@@ -134,12 +134,13 @@ class _BucketForwardKL(torch.autograd.Function):
         q = (student_logits - log_normaliser).exp_()
         q_top = q.gather(-1, ids)
         tail_q = q.scatter_(-1, ids, 0.0).sum(-1)  # Σ over the tokens outside the top k: no 1 − Σ cancellation
-        log_tail_q = tail_q.clamp(min=torch.finfo(q.dtype).tiny).log()
+        tail_q = tail_q.clamp_(min=torch.finfo(q.dtype).tiny)  # a zero tail mass would give log 0 and τ / 0
+        log_tail_q = tail_q.log()
         log_q_top = student_logits.gather(-1, ids) - log_normaliser
         p, tau = log_p.exp(), log_tail.exp()
         value = (p * (log_p - log_q_top)).sum(-1) + tau * (log_tail - log_tail_q)
         if sample_ids is None:
-            grad = q.mul_((1.0 - tau / tail_q.clamp(min=torch.finfo(q.dtype).tiny)).unsqueeze(-1))
+            grad = q.mul_((1.0 - tau / tail_q).unsqueeze(-1))
         else:
             log_q_samples = student_logits.gather(-1, sample_ids) - log_normaliser
             value = value + _sampled_tail_kl(log_tail, sample_log_p, log_tail_q, log_q_samples)
