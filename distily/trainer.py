@@ -41,6 +41,7 @@ from .io import atomic_path
 from .losses import build_loss
 from .teacher.loading import freeze
 from .teacher.recorded import SPLIT_IDS, CacheError, TeacherCache
+from .timing import TrainTimeBudget
 
 TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
 
@@ -227,6 +228,9 @@ class DistillationTrainer(Trainer):
         self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
         self.step_timer = StepTimer()
         self.add_callback(self.step_timer)
+        self.time_budget = TrainTimeBudget(args.max_train_seconds) if args.max_train_seconds else None
+        if self.time_budget is not None:
+            self.add_callback(self.time_budget)
         # BitNet students: quantisation warm-up driven by global_step (see distily.bitnet.BitNetWarmup).
         bitnet_warmup = warmup_callback(model)
         if bitnet_warmup is not None:

@@ -14,6 +14,48 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_VOCAB = 128
 
 
+def cpu_description() -> str:
+    """The CPU model and the SIMD features that decide float rounding paths (PyTorch's and llama.cpp's)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    features = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+    simd = [flag for flag in features if flag in flags]
+    return f"{model} ({' '.join(simd) or 'no x86 SIMD flags read'})"
+
+
+def llama_cpp_build() -> str:
+    """llama-cpp-python's version and llama.cpp's own report of the CPU features it was built for and uses."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python not installed"
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return f"llama-cpp-python {llama_cpp.__version__}: {info.strip()}"
+
+
+def pytest_report_header(config):
+    import torch
+
+    return [
+        f"cpu: {cpu_description()}",
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels)",
+        llama_cpp_build(),
+    ]
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -650,9 +650,10 @@ def test_bitnet_config_file_is_the_demo_with_a_bitnet_student():
     demo = train_kwargs(parse_with_yaml(["--config", str(configs / "demo.yaml")]))
     student, data, config = bitnet["student_args"], bitnet["data_args"], bitnet["config"]
     demo_student, demo_data, demo_config = demo["student_args"], demo["data_args"], demo["config"]
-    # The documented differences: a BitNet student, warmed up over half the steps, at twice the learning rate.
+    # The documented differences: a BitNet student, warmed up over half the steps, at twice the learning rate,
+    # for the 200 steps the benchmark measured (the demo trains 120 steps within a time budget).
     assert student.student_config == {**demo_student.student_config, "bitnet": {"warmup_steps": 100}}
     assert data == demo_data
-    assert config.distillation_fields == demo_config.distillation_fields
-    assert config.max_steps == demo_config.max_steps == 200
+    assert config.distillation_fields == {**demo_config.distillation_fields, "max_train_seconds": None}
+    assert (config.max_steps, demo_config.max_steps, demo_config.max_train_seconds) == (200, 120, 450)
     assert (config.learning_rate, demo_config.learning_rate) == (4e-3, 2e-3)

@@ -17,7 +17,8 @@ from distily.cli import main
 from distily.export import EXPORT_MANIFEST, ExportError, check_exportable, export
 from distily.export.gguf import GGUF_OUTTYPES, write_gguf
 
-from .conftest import BYTE_VOCAB, make_byte_bpe_tokenizer, tiny_llama_config
+from .conftest import BYTE_VOCAB, llama_cpp_build, make_byte_bpe_tokenizer, tiny_llama_config
+from .llama_cpp_arithmetic import llama_cpp_arithmetic
 from .test_export import TEXT, llama_cpp_logits, token_ids, torch_logits
 
 # Widths: ALL_TERNARY has every projection row a multiple of 256 (every projection TQ); FALLBACK has
@@ -25,16 +26,25 @@ from .test_export import TEXT, llama_cpp_logits, token_ids, torch_logits
 ALL_TERNARY = {"hidden_size": 256, "intermediate_size": 512}
 FALLBACK = {"hidden_size": 320, "intermediate_size": 512}
 
-# Tolerances against the BitNet student's own PyTorch forward (BitLinear: per-token absmax int8 activations).
-# llama.cpp does not quantise activations the BitLinear way: its TQ kernels quantise them to Q8_K (int8 blocks of
-# 256 per row, one float scale per block), Q8_0 fallback tensors to int8 blocks of 32, f16/f32 tensors not at
-# all. Measured on these trained students (logit std ≈ 4-5, 96 positions): max |Δlogit| 0.29-0.54, mean
-# |Δlogit| 0.02-0.03, perplexity within 0.1%, the top token identical everywhere except one near-tie (PyTorch's
-# top-2 gap 0.001). Bounds below are about twice the measurements.
-TQ_MAX_ABS = 1.0
-TQ_MEAN_ABS = 0.06
-TQ_PPL_REL = 0.01
-NEAR_TIE = 0.05  # a position whose top-2 PyTorch logits are closer than this may pick either token
+# Two comparisons, each bounding what the export guarantees (notes.md, "llama.cpp vs PyTorch on BitNet GGUFs"):
+#
+# 1. Kernel arithmetic. llama.cpp quantises activations its own way (Q8_K blocks of 256 for TQ tensors, Q8_0
+#    blocks of 32 for Q8_0 ones, float16 for F16 ones; tests/llama_cpp_arithmetic.py), not per token as BitLinear
+#    does. Against the student run with that arithmetic in PyTorch the file agrees up to float32 accumulation
+#    order, which now and then moves an activation across a rounding boundary: measured on 14 trained students
+#    (seeds 0-6, both widths) p99 |Δlogit| ≤ 0.005·σ, mean ≤ 0.0008·σ, perplexity within 3e-4 (σ: the logits'
+#    standard deviation, 4-8 here). A wrong mapping (a scale, a norm, a permutation) moves logits by about σ.
+KERNEL_P99 = 0.01  # × σ
+KERNEL_MEAN = 0.002  # × σ
+KERNEL_PPL_REL = 1e-3
+# 2. Quality against the student's own BitLinear forward: how much llama.cpp's block-wise activation rounding
+#    changes this student. It depends on the trained student (so on the CPU that trained it, which is why one
+#    maximum bound held on one machine and not on another): over the same 14 students max |Δlogit| 0.15-5.2, but
+#    p95 ≤ 0.032·σ, perplexity within 1.1%, the top token the same at ≥ 97.9% of positions.
+QUALITY_P95 = 0.1  # × σ
+QUALITY_PPL_REL = 0.02
+QUALITY_TOP1 = 0.95
+NEAR_TIE = 0.05  # a position whose top-2 reference logits are closer than this may pick either token
 # The same student with activation quantisation switched off in PyTorch is what an f32 GGUF computes in
 # llama.cpp: measured max |Δlogit| 2e-5 to 7e-5 (float32 rounding), so the mapping itself is exact.
 F32_NO_ACT_QUANT_MAX_ABS = 1e-3
@@ -87,6 +97,29 @@ def assert_same_top1_unless_near_tie(reference: np.ndarray, other: np.ndarray) -
     assert decided.mean() >= 0.9  # the comparison is not vacuous (measured: 93% and >95% decided)
 
 
+def assert_llama_cpp_kernels(student, path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for ``path`` are the student's under llama.cpp's own arithmetic; returns them."""
+    logits = llama_cpp_logits(path, ids)
+    with llama_cpp_arithmetic(student, gguf_types(path)):
+        emulated = torch_logits(student, ids)
+    difference, sigma = np.abs(logits - emulated), float(emulated.std())
+    where = f"{llama_cpp_build()}; p99 {np.percentile(difference, 99):.4f}, mean {difference.mean():.5f}, σ {sigma:.2f}"
+    assert np.percentile(difference, 99) < KERNEL_P99 * sigma, where
+    assert difference.mean() < KERNEL_MEAN * sigma, where
+    assert perplexity(logits, ids) == pytest.approx(perplexity(emulated, ids), rel=KERNEL_PPL_REL), where
+    assert_same_top1_unless_near_tie(emulated, logits)
+    return logits
+
+
+def assert_ternary_quality(reference: np.ndarray, logits: np.ndarray, ids: list[int]) -> None:
+    """The file's logits are close to the student's own BitLinear forward (``reference``)."""
+    difference, sigma = np.abs(logits - reference), float(reference.std())
+    where = f"{llama_cpp_build()}; p95 {np.percentile(difference, 95):.4f}, σ {sigma:.2f}"
+    assert np.percentile(difference, 95) < QUALITY_P95 * sigma, where
+    assert perplexity(logits, ids) == pytest.approx(perplexity(reference, ids), rel=QUALITY_PPL_REL), where
+    assert (reference.argmax(-1) == logits.argmax(-1)).mean() >= QUALITY_TOP1, where
+
+
 def gguf_types(path) -> dict[str, str]:
     import gguf
 
@@ -123,12 +156,8 @@ def test_tq_gguf_runs_in_llama_cpp_bitnet_and_matches_pytorch(student_dir, tmp_p
 
     student = load_bitnet_student(student_dir)  # distily's modules: bitwise the saved student
     ids = token_ids(tokenizer)
-    reference = torch_logits(student, ids)
-    logits = llama_cpp_logits(path, ids)
-    difference = np.abs(logits - reference)
-    assert difference.max() < TQ_MAX_ABS and difference.mean() < TQ_MEAN_ABS, (difference.max(), difference.mean())
-    assert_same_top1_unless_near_tie(reference, logits)
-    assert perplexity(logits, ids) == pytest.approx(perplexity(reference, ids), rel=TQ_PPL_REL)
+    logits = assert_llama_cpp_kernels(student, path, ids)
+    assert_ternary_quality(torch_logits(student, ids), logits, ids)
 
 
 def test_f32_gguf_is_exactly_the_student_without_activation_quantisation(student_dir, tmp_path, tokenizer, monkeypatch):
@@ -223,10 +252,8 @@ def test_f16_gguf_of_a_bitnet_student_stores_codes_and_scales(student_dir, tmp_p
     _, gamma = student.model.layers[0].mlp.down_proj.ternary()
     assert float(np.asarray(tensors["blk.0.ffn_down.scale"].data)[0]) == float(gamma)
     ids = token_ids(tokenizer)
-    logits = llama_cpp_logits(path, ids)
-    reference = torch_logits(student, ids)
-    assert np.abs(logits - reference).max() < TQ_MAX_ABS
-    assert_same_top1_unless_near_tie(reference, logits)
+    logits = assert_llama_cpp_kernels(student, path, ids)  # F16 kernels: activations in float16, not int8
+    assert_ternary_quality(torch_logits(student, ids), logits, ids)
 
 
 def test_a_registered_tq_outtype_with_q8_0_embeddings_runs(student_dir, tmp_path, tokenizer):
@@ -250,10 +277,9 @@ def test_a_registered_tq_outtype_with_q8_0_embeddings_runs(student_dir, tmp_path
     assert report.tensor_types["token_embd.weight"] == "Q8_0"
     assert report.size_bytes < export(student_dir, ["gguf"], "tq2_0", tmp_path / "tq2.gguf").gguf_sizes["bytes"]
     ids = token_ids(tokenizer)
-    reference = torch_logits(load_bitnet_student(student_dir), ids)
-    logits = llama_cpp_logits(path, ids)
-    assert np.abs(logits - reference).max() < TQ_MAX_ABS
-    assert perplexity(logits, ids) == pytest.approx(perplexity(reference, ids), rel=TQ_PPL_REL)
+    student = load_bitnet_student(student_dir)
+    logits = assert_llama_cpp_kernels(student, path, ids)  # the Q8_0 embedding rows and LM-head activations
+    assert_ternary_quality(torch_logits(student, ids), logits, ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,13 +336,13 @@ def test_training_a_bitnet_student_with_tq2_0_export(tmp_path, tokenizer, capsys
     assert manifest["outtypes"] == {"gguf": "tq2_0"} and manifest["gguf"]["tensor_types"]["TQ2_0"] == 14
     path = out / "export" / manifest["files"]["gguf"][0]
     ids = token_ids(tokenizer)
-    logits = llama_cpp_logits(path, ids)
-    reference = torch_logits(load_bitnet_student(out), ids)
-    assert np.abs(logits - reference).max() < TQ_MAX_ABS
+    student = load_bitnet_student(out)
+    logits = assert_llama_cpp_kernels(student, path, ids)
+    assert_ternary_quality(torch_logits(student, ids), logits, ids)
     capsys.readouterr()
 
     # The same through `distily export` on the finished run, into a single file.
     single = tmp_path / "student-tq1_0.gguf"
     assert main(["export", str(out), "--format", "gguf", "--outtype", "tq1_0", "--output", str(single)]) == 0
     assert gguf_types(single)["blk.1.ffn_down.weight"] == "TQ1_0"
-    assert np.abs(llama_cpp_logits(single, ids) - reference).max() < TQ_MAX_ABS
+    assert_llama_cpp_kernels(student, single, ids)
