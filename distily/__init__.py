@@ -17,8 +17,7 @@ from .teacher.loading import EMBEDDED_TEACHERS, load_teacher
 from .teacher.synth import SynthArguments, synthesize
 from .teacher.templates import TEMPLATES, TaskTemplate, register_template
 from .trainer import DistillationTrainer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "EMBEDDED_TEACHERS",

@@ -40,7 +40,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
 
-from .config import ConfigError
+from .errors import ConfigError
+from .modeling import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -319,14 +320,10 @@ def set_bitnet_metadata(config, options: BitNetOptions, packed: bool) -> None:
     }
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
-
-
 def swap_in_bitlinear(model: nn.Module) -> nn.Module:
     """Replace every decoder projection (attention and MLP; not embeddings, not the LM head) by a BitLinear that
     takes over its weight parameter, and wrap the two SubLN norms of each block in :class:`SubLNorm`."""
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         for parent, names in ((layer.self_attn, ATTENTION_PROJECTIONS), (layer.mlp, MLP_PROJECTIONS)):
             for name in names:
                 module = getattr(parent, name)
@@ -367,9 +364,7 @@ def calibrate_sub_norms(fp_model: nn.Module, bitnet_model: nn.Module, input_ids:
 
         return hook
 
-    for index, (fp_layer, layer) in enumerate(
-        zip(_decoder_layers(fp_model), _decoder_layers(bitnet_model), strict=True)
-    ):
+    for index, (fp_layer, layer) in enumerate(zip(decoder_layers(fp_model), decoder_layers(bitnet_model), strict=True)):
         attn_norm, ffn_norm = _sub_norms(layer)
         for module, norm, key in (
             (fp_layer.self_attn.o_proj, attn_norm, f"{index}.attn"),
@@ -385,7 +380,7 @@ def calibrate_sub_norms(fp_model: nn.Module, bitnet_model: nn.Module, input_ids:
             hook.remove()
         fp_model.train(was_training)
     gains = {}
-    for index, layer in enumerate(_decoder_layers(bitnet_model)):
+    for index, layer in enumerate(decoder_layers(bitnet_model)):
         attn_norm, ffn_norm = _sub_norms(layer)
         for norm, key in ((attn_norm, f"{index}.attn"), (ffn_norm, f"{index}.ffn")):
             numerator, denominator = sums[key]

@@ -15,8 +15,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .config import RUN_ARGUMENT_CLASSES, ConfigError, check_known_keys, load_yaml_file, run_parser, train_kwargs
-from .teacher.loading import TeacherLoadError
+from .config import RUN_ARGUMENT_CLASSES, check_known_keys, load_yaml_file, run_parser, train_kwargs
+from .errors import ConfigError, DistilyError
 
 logger = logging.getLogger("distily")
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distily`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .version import __version__
 
         print(f"distily {__version__}")
         return 0
@@ -251,15 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
     try:
         return handler(argv)
-    except (ConfigError, FileNotFoundError, TeacherLoadError) as err:
-        # Bad input: one clear line, no traceback.
+    except (DistilyError, FileNotFoundError) as err:
+        # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"distily {command}: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:
-        if type(err).__module__.startswith("distily"):
-            print(f"distily {command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

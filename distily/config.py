@@ -22,14 +22,12 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainingArguments
 
+from .errors import ConfigError  # re-exported: `from distily.config import ConfigError` keeps working
+
 STUDENT_INITS = ("auto", "teacher", "random")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_SHARDINGS = ("auto", "replicate", "shard")
 CHUNKED_LOSS_CHOICES = ("auto", "true", "false")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
 
 
 def parse_json_dict(value: Any, flag: str, example: str) -> dict | None:

@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
 from .config import DataArguments
+from .errors import DataError
 from .teacher.synth_dataset import REQUEST_COLUMN, is_synth_folder, load_synth_documents, pack_synth_dataset
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ BLOCK_SPLITS = {"train": 0, "eval": 1}
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 # Folders never read as corpus: installed third-party packages, caches and VCS metadata.
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn", "node_modules", ".venv"}
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as given; the message says why and what to do."""
 
 
 def stable_hash(*parts: object) -> str:

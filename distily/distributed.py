@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .config import ConfigError
+from .errors import ConfigError
+from .modeling import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def resolve_teacher_sharding(requested: str, accelerator, quantized: bool = Fals
 
 def place_teacher(teacher: nn.Module, accelerator, args) -> tuple[nn.Module, torch.device]:
     """Put the frozen teacher where ``args`` says; returns the teacher to call and the device its inputs go to."""
-    from .teacher.quantization import is_quantized
+    from .modeling import is_quantized
 
     quantized = is_quantized(teacher)
     sharding = resolve_teacher_sharding(args.teacher_sharding, accelerator, quantized=quantized)
@@ -127,9 +128,7 @@ def place_teacher(teacher: nn.Module, accelerator, args) -> tuple[nn.Module, tor
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a causal LM (``model.layers``, ``transformer.h``, ...)."""
-    from .students import _layer_list_name, layer_count
-
-    return model.get_submodule(_layer_list_name(model, layer_count(model.config)))
+    return decoder_layers(model)
 
 
 def shard_teacher_fsdp2(teacher: nn.Module, mesh=None, offload_policy=None) -> nn.Module:

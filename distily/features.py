@@ -17,30 +17,16 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from .config import ConfigError, ObjectiveComponent
+from .config import ObjectiveComponent
+from .errors import ConfigError
 from .feature_losses import FEATURE_LOSSES, FEATURE_NORMS
 from .layer_mappers import map_layers
+from .modeling import LAYER_LISTS, decoder_layers  # noqa: F401  (re-exported)
 from .projectors import build_projector
 
 logger = logging.getLogger(__name__)
 
-LAYER_LISTS = ("layers", "h", "block", "blocks")
 ATTENTION_MODULES = ("self_attn", "attn", "attention", "self_attention")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (Llama-style ``model.layers``, GPT-2's ``transformer.h``, PEFT-wrapped)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for name in LAYER_LISTS:
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ConfigError(
-        f"Cannot find the decoder layers of {type(model).__name__} (looked for {', '.join(LAYER_LISTS)} on its "
-        "decoder). Hidden-state and attention objectives need them; use logits only for this model."
-    )
 
 
 def attention_module(layer: nn.Module) -> nn.Module:

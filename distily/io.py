@@ -79,7 +79,7 @@ def provenance() -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {
         "distily_version": __version__,

@@ -11,14 +11,9 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
+from .errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError, ValueError):
-    """Raised for a name no registry entry has; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
-        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Mapping[str, T], Generic[T]):

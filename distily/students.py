@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .config import STUDENT_INITS, ConfigError
+from .config import STUDENT_INITS
+from .errors import ConfigError
+from .modeling import count_parameters, decoder_layers_path, layer_count  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,6 @@ WIDTH_FIELDS = (
     "n_head",
 )
 # Config attributes naming the layer count, per architecture family.
-LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
 # Attributes that describe how the teacher was stored, not what the student is.
 LOADING_ONLY_FIELDS = ("quantization_config", "_name_or_path", "_commit_hash", "transformers_version")
 
@@ -47,15 +48,6 @@ def uniform_layer_subset(num_teacher_layers: int, num_student_layers: int) -> li
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_student_layers - 1)
     return [int(i * step + 0.5) for i in range(num_student_layers)]
-
-
-def layer_count(config: PretrainedConfig) -> int:
-    """Number of transformer blocks in a config, whichever attribute the architecture uses."""
-    for name in LAYER_COUNT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ConfigError(f"Cannot tell how many layers a {type(config).__name__} has (looked for {LAYER_COUNT_FIELDS}).")
 
 
 def student_config_from_teacher(teacher_config: PretrainedConfig, overrides: dict | None) -> PretrainedConfig:
@@ -93,23 +85,10 @@ def _same_width(student_config: PretrainedConfig, teacher_config: PretrainedConf
     return all(getattr(student_config, name, None) == getattr(teacher_config, name, None) for name in WIDTH_FIELDS)
 
 
-def _layer_list_name(model: nn.Module, num_layers: int) -> str:
-    """Dotted path of the ``nn.ModuleList`` holding the transformer blocks (``model.layers``, ``transformer.h``)."""
-    candidates = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers
-    ]
-    if not candidates:
-        raise ConfigError(f"Cannot find the list of {num_layers} transformer blocks in {type(model).__name__}.")
-    return min(candidates, key=len)  # the outermost list, in case blocks nest lists of their own
-
-
 def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layer_map: list[int]) -> list[str]:
     """Copy every teacher tensor whose shape fits into ``student``; block ``i`` comes from teacher block
     ``layer_map[i]``. Returns the names of student tensors left at their random init."""
-    student_layers = _layer_list_name(student, layer_count(student.config))
-    teacher_layers = _layer_list_name(teacher, layer_count(teacher.config))
+    student_layers, teacher_layers = decoder_layers_path(student), decoder_layers_path(teacher)
     pattern = re.compile(rf"^{re.escape(student_layers)}\.(\d+)\.(.*)$")
     teacher_state = teacher.state_dict()
     missing = []
@@ -176,7 +155,7 @@ def build_student(
 
 def _check_teacher_weights_readable(teacher: nn.Module) -> None:
     """A student copies teacher tensors only when they hold plain float weights on this process."""
-    from .teacher.quantization import is_quantized
+    from .modeling import is_quantized
 
     if is_quantized(teacher):
         raise ConfigError(
@@ -223,13 +202,3 @@ def load_student(
     student.train()
     logger.info("Loaded pretrained student %s (%s).", name_or_path, type(student).__name__)
     return student
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once; ZeRO-3 partitioned ones at their full size)."""
-    seen, total = set(), 0
-    for parameter in model.parameters():
-        if id(parameter) not in seen:
-            seen.add(id(parameter))
-            total += getattr(parameter, "ds_numel", None) or parameter.numel()
-    return total

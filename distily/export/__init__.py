@@ -178,7 +178,7 @@ def export(
     written; the export is built beside ``output`` and renamed into place when complete.
     """
     from ..config import parse_formats
-    from ..students import count_parameters
+    from ..modeling import count_parameters
     from .model_card import DEFAULT_LICENSE
 
     source = Path(source)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
+from ..errors import ExportError
 
-class ExportError(ValueError):
-    """The model, tokenizer or output path cannot be exported as asked; the message says what to do."""
+__all__ = ["ExportError"]

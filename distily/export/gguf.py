@@ -151,7 +151,7 @@ class GGUFArchitecture:
 
     @property
     def block_count(self) -> int:
-        from ..students import layer_count
+        from ..modeling import layer_count
 
         return layer_count(self.config)
 

@@ -288,7 +288,7 @@ def card_context(
 
     ``gguf_sizes``: the size facts of the GGUF file (:func:`distily.export.gguf_sizes`), shown under the table.
     """
-    from .. import __version__
+    from ..version import __version__
 
     run_dir = Path(run_dir)
     manifest = _read_json(run_dir / "distily_run.json")

@@ -27,7 +27,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..config import ConfigError, train_kwargs
+from ..config import train_kwargs
+from ..errors import ConfigError, DistilyError
 from ..io import provenance, write_json_atomic, write_yaml_atomic
 from .config import MANIFEST_METRICS, SweepConfig, run_configs
 from .storage import Heartbeat, fail_dead_trials, mask_url, open_storage, update_run_manifest, worker_id
@@ -38,7 +39,7 @@ DEFINITION_ATTR = "distily_sweep"
 TRIALS_DIR = "trials"
 
 
-class TrialError(RuntimeError):
+class TrialError(DistilyError, RuntimeError):
     """A trial produced no usable objective (a non-positive metric for the geometric mean, NaN)."""
 
 

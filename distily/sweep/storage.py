@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..io import write_json_atomic
 
 logger = logging.getLogger(__name__)

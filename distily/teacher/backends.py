@@ -23,15 +23,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..config import ConfigError
+from ..errors import ConfigError, SynthError
 
 logger = logging.getLogger(__name__)
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class SynthError(RuntimeError):
-    """Generation cannot go on (the API refused the key, an engine is missing); the message says what to do."""
 
 
 @dataclass

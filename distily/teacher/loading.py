@@ -11,11 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import TeacherLoadError
+
 logger = logging.getLogger(__name__)
-
-
-class TeacherLoadError(OSError):
-    """The teacher could not be loaded (not found locally, not reachable on the Hub, or not a model)."""
 
 
 @dataclass(frozen=True)

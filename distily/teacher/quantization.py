@@ -11,26 +11,10 @@ from importlib.util import find_spec
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..modeling import is_quantized  # noqa: F401  (re-exported)
 
 GPU_EXTRA = "pip install 'distily[gpu]'"
-
-
-def is_quantized(model: torch.nn.Module) -> bool:
-    """True for a model whose weights stay quantised in memory (bitsandbytes, GPTQ, AWQ, ...).
-
-    Such weights can neither be copied into a float student nor moved with ``.to()``. GGUF teachers also load
-    through a transformers quantizer, but their weights are dequantised to floats: they are not quantised here.
-    """
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        return True
-    if any(not parameter.is_floating_point() for parameter in model.parameters()):
-        return True
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return False
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    return str(getattr(method, "value", method)).lower() != "gguf"
 
 
 def bitsandbytes_config(bits: int, compute_dtype: torch.dtype | None, teacher: str, gguf: bool = False):

@@ -49,6 +49,7 @@ from torch import Tensor
 from ..chunked import SparseTeacherSignal
 from ..config import ConfigError, DataArguments, TeacherArguments, parse_json_dict
 from ..data import BLOCK_SPLITS
+from ..errors import CacheError
 from ..io import atomic_path, provenance, write_json_atomic
 from ..sparse import SparseTeacher
 
@@ -68,10 +69,6 @@ TAIL_LOGPROB_FLOOR = -100.0
 # Tail samples per position by default (transformers backend): within 1% of full-logit KD in
 # benchmarks/RESULTS.md, where the bucket alone was 5% off; 32 bytes per token.
 DEFAULT_TAIL_SAMPLES = 8
-
-
-class CacheError(ValueError):
-    """A teacher cache cannot be used as asked; the message says what differs and what to do."""
 
 
 @dataclass
