@@ -6,7 +6,8 @@ Public API::
     from distily import register_layer_mapper, register_projector, register_feature_loss  # intermediate signals
 """
 
-from .config import ConfigError, DataArguments, DistillationConfig, StudentArguments, TeacherArguments
+from .config import DataArguments, DistillationConfig, StudentArguments, TeacherArguments
+from .errors import ConfigError, DistilyError
 from .feature_losses import FEATURE_LOSSES, FEATURE_NORMS, register_feature_loss, register_feature_norm
 from .layer_mappers import LAYER_MAPPERS, map_layers, register_layer_mapper
 from .losses import LOSSES, build_loss, distillation_loss, register_loss
@@ -31,6 +32,7 @@ __all__ = [
     "DataArguments",
     "DistillationConfig",
     "DistillationTrainer",
+    "DistilyError",
     "Registry",
     "StudentArguments",
     "SynthArguments",

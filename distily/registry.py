@@ -19,12 +19,14 @@ T = TypeVar("T")
 class Registry(Mapping[str, T], Generic[T]):
     """A read-only mapping of name -> entry, filled through :meth:`register`.
 
-    ``kind`` names the entries in messages ("loss", "layer mapper", ...) and ``decorator`` is the public
-    decorator users call, so errors can point at it.
+    ``kind`` names the entries in messages ("loss", "layer mapper", ...), ``plural`` its plural (by default
+    English's regular one: "losses", "layer mappers"), and ``decorator`` is the public decorator users call, so
+    errors can point at it.
     """
 
-    def __init__(self, kind: str, decorator: str):
+    def __init__(self, kind: str, decorator: str, plural: str | None = None):
         self.kind = kind
+        self.plural = plural or (f"{kind}es" if kind.endswith(("s", "x", "ch", "sh")) else f"{kind}s")
         self.decorator = decorator
         self._entries: dict[str, T] = {}
 
@@ -63,7 +65,7 @@ class Registry(Mapping[str, T], Generic[T]):
         close = difflib.get_close_matches(str(name), list(self._entries), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return (
-            f"Unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {known}. "
+            f"Unknown {self.kind} {name!r}.{hint} Known {self.plural}: {known}. "
             f"Register your own with @{self.decorator}('name')."
         )
 

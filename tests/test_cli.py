@@ -151,12 +151,18 @@ def test_unknown_yaml_key_is_named(tmp_path, capsys):
 
 
 def test_every_config_field_is_a_flag():
+    from dataclasses import fields
+
     from distily.config import run_parser
 
     parser = run_parser(RUN_ARGUMENT_CLASSES)
-    flags = {action.dest for action in parser._actions}
+    options = {option for action in parser._actions for option in action.option_strings}
+    names = [item.name for cls in RUN_ARGUMENT_CLASSES for item in fields(cls) if item.init]
+    assert len(names) > 150  # every TrainingArguments field too, not a handful
+    missing = [name for name in names if not name.startswith("_") and f"--{name}" not in options]
+    assert missing == []
     for field in ("teacher", "student_config", "dataset", "loss", "loss_kwargs", "temperature", "alpha", "seq_len"):
-        assert field in flags
+        assert f"--{field}" in options
 
 
 def test_teacher_folder_without_a_model_is_a_clear_error(text_corpus, tmp_path, capsys):

@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-import distily.data as data_module
+import distily.data.packing as data_module  # where the packing function lives (patched below)
 from distily.config import DataArguments
 from distily.data import (
     BlockCollator,
@@ -506,3 +506,24 @@ def test_block_limits(text_corpus, tmp_path, tiny_tokenizer):
     generous = prepare_datasets(data_args(text_corpus, tmp_path, max_train_blocks=10**6), tiny_tokenizer, 16)
     assert blocks(generous.train) == all_train
     assert one.train_documents == full.train_documents
+
+
+def test_a_small_folder_whose_hashes_leave_eval_empty_moves_one_file_there(tmp_path, caplog):
+    """40 files at the default 5%: the path hashes of these 40 all fall on the train side (as for about 13% of
+    40-file folders); the file with the smallest hash bucket moves to eval, the same one every time."""
+    from distily.data import eval_bucket
+
+    folder = tmp_path / "forty"
+    folder.mkdir()
+    names = [f"mod6_{i:02d}.py" for i in range(40)]
+    assert not any(is_eval_key(name, 0.05) for name in names)
+    for index, name in enumerate(names):
+        (folder / name).write_text(f"def f{index}(x):\n    return x + {index}\n")
+    with caplog.at_level("WARNING", logger="distily.data.sources"):
+        documents = files_dataset(folder, 0.05, str(tmp_path / "cache"))
+    expected = min(names, key=eval_bucket)
+    assert documents["eval"]["path"] == [expected]
+    assert sorted(documents["train"]["path"]) == sorted(set(names) - {expected})
+    assert f"moved {expected!r} there" in caplog.text and "none of its 40 files in the eval split" in caplog.text
+    again = files_dataset(folder, 0.05, str(tmp_path / "cache2"))
+    assert again["eval"]["path"] == [expected]

@@ -110,11 +110,19 @@ def test_identity_and_linear_start_as_identity_at_equal_width():
 
 
 def test_ensemble_is_the_mean_of_its_members():
-    torch.manual_seed(0)
-    ensemble = build_projector("ensemble", 8, 12, {"members": ["linear", {"name": "mlp", "kwargs": {"hidden_dim": 4}}]})
-    x = torch.randn(3, 8)
-    expected = (ensemble.members[0](x) + ensemble.members[1](x)) / 2
-    torch.testing.assert_close(ensemble(x), expected)
+    """Golden values worked out by hand, not recomputed from the module's own members."""
+    ensemble = build_projector("ensemble", 2, 2, {"members": ["linear", {"name": "mlp", "kwargs": {"hidden_dim": 1}}]})
+    linear, mlp = ensemble.members
+    with torch.no_grad():  # linear starts at the identity (equal widths); the MLP gets hand-picked weights
+        mlp.net[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        mlp.net[0].bias.zero_()
+        mlp.net[2].weight.copy_(torch.tensor([[2.0], [-1.0]]))
+        mlp.net[2].bias.copy_(torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(linear.proj.weight, torch.eye(2))
+    # x = (1, 0.5): linear gives (1, 0.5); the MLP's hidden unit is GELU(1.5) = 1.5 · Φ(1.5) = 1.39978919805, so it
+    # gives (2 · 1.39978919805 + 0.5, -1.39978919805); the ensemble is the mean of the two.
+    expected = torch.tensor([[(1.0 + 3.2995783961) / 2, (0.5 - 1.39978919805) / 2]])
+    torch.testing.assert_close(ensemble(torch.tensor([[1.0, 0.5]])), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(("d_s", "d_t"), [(64, 128), (32, 32)])
@@ -211,7 +219,7 @@ def test_bad_objectives_are_refused():
         parse_objective({"hidden_states": {"layer_mapper": "last_3"}})
     with pytest.raises(ConfigError, match="take no projector or norm"):
         parse_objective({"attentions": {"projector": "linear"}})
-    with pytest.raises(ConfigError, match=r"Unknown feature loss 'huber'.*Known feature losss: cosine, kl, mse"):
+    with pytest.raises(ConfigError, match=r"Unknown feature loss 'huber'.*Known feature losses: cosine, kl, mse"):
         parse_objective({"hidden_states": {"loss": "huber"}})
 
 

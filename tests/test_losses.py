@@ -688,3 +688,12 @@ def test_config_rejects_alpha_outside_unit_interval(tmp_path, alpha):
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_config_accepts_alpha_end_points(tmp_path, alpha):
     assert distily.DistillationConfig(output_dir=str(tmp_path), alpha=alpha, temperature=2.0).alpha == alpha
+
+
+def test_unknown_names_list_the_known_ones_in_the_plural():
+    from distily.registry import Registry
+
+    with pytest.raises(ValueError, match=r"Unknown loss 'kl_forward'.*Known losses: "):
+        build_loss("kl_forward", {})
+    assert Registry("box", "x").plural == "boxes" and Registry("layer mapper", "x").plural == "layer mappers"
+    assert Registry("datum", "x", plural="data").plural == "data"

@@ -542,3 +542,34 @@ def test_bad_synth_flags_fail_before_writing(tmp_path, capsys):
         assert main(["synth", *flags, "--output_dir", str(out)]) == 2, flags
         assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sigterm_writes_the_samples_generated_so_far(tmp_path, api_key):
+    """`kill -TERM` (what a scheduler sends) flushes every sample already generated and marks the run
+    interrupted; with shards far larger than the run and no timed flush, only the signal can have written them."""
+    write_prompts(tmp_path / "prompts.txt", 40)
+    out = tmp_path / "terminated"
+    with FakeOpenAI(KEY, delay=0.05) as server:
+        flags = [
+            "synth", "--prompts", str(tmp_path / "prompts.txt"), "--api_model", "fake-gpt", "--api_base",
+            server.base_url, "--api_key_env", ENV, "--concurrency", "2", "--shard_size", "1000",
+            "--flush_seconds", "3600", "--max_new_tokens", "16", "--output_dir", str(out),
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distily.cli", *flags],
+            cwd=REPO, env={**os.environ, ENV: KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while len(server.log) < 8 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        assert not shard_files(out), "nothing is written before the signal"
+        answered = len(server.log)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 128 + signal.SIGTERM, output
+    ids = sample_ids(out)
+    # Every answer received before the signal is on disk (two more may have been in flight), none twice.
+    assert len(ids) == len(set(ids)) and answered - 2 <= len(ids) <= answered + 2, (answered, len(ids))
+    manifest = json.loads((out / "synth_manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["counts"]["samples"] == len(ids)
+    assert KEY not in output

@@ -100,7 +100,11 @@ def check_exportable(
     gguf_tokenizer_pre: str | None = None,
     outtype: str | None = None,
 ):
-    """Fail now, not after training, if ``model``/``tokenizer`` cannot be exported to ``formats`` (as ``outtype``)."""
+    """Fail now, not after training, if ``model``/``tokenizer`` cannot be exported to ``formats`` (as ``outtype``,
+    the training command's ``--export_outtype``)."""
+    from .outtypes import check_outtype
+
+    check_outtype(outtype, formats, "export_outtype")
     if "gguf" not in formats:
         return
     import gguf as gguf_package
@@ -139,7 +143,7 @@ def _check_destination(source: Path, output: Path, overwrite: bool) -> None:
 
 
 def _outtypes(formats: list[str], outtype: str | None) -> dict[str, str]:
-    from ..config import check_outtype
+    from .outtypes import check_outtype
 
     check_outtype(outtype, formats, "outtype")
     return {fmt: outtype or DEFAULT_OUTTYPES[fmt] for fmt in formats}

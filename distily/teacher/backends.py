@@ -23,6 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..data.synth_format import plain_chat
 from ..errors import ConfigError, SynthError
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,6 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
-
-
-def plain_chat(messages: list[dict[str, str]]) -> str:
-    """A chat as plain text, for tokenizers without a chat template (it ends where the assistant's answer starts)."""
-    names = {"system": "System", "user": "User", "assistant": "Assistant"}
-    turns = [f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
-    return "\n\n".join(turns) + "\n\nAssistant:"
 
 
 def render_prompt(tokenizer, request: GenerationRequest) -> str:

@@ -27,7 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..config import ConfigError, TeacherArguments, config_to_dict, parse_json_dict
+from ..data.synth_format import (
+    CONFIG,
+    MANIFEST,
+    PROMPTS,
+    REJECTED_PREFIX,
+    SAMPLES_PREFIX,
+    read_jsonl,
+    shard_files,
+)
 from ..io import atomic_path, provenance, write_json_atomic, write_yaml_atomic
 from .backends import (
     Backend,
@@ -40,15 +51,6 @@ from .backends import (
     VLLMBackend,
     redact,
     strip_credentials,
-)
-from .synth_dataset import (
-    CONFIG,
-    MANIFEST,
-    PROMPTS,
-    REJECTED_PREFIX,
-    SAMPLES_PREFIX,
-    read_jsonl,
-    shard_files,
 )
 from .templates import TaskTemplate, load_template
 
@@ -705,8 +707,11 @@ def _run(args, teacher_args, backend: Backend, source_prompts, command, secrets)
     started = time.monotonic()
     status = "running"
     flush(status)
+    # One tick per answered request (kept, rejected or failed), counting the samples a resumed run already has.
+    progress = tqdm(total=total, initial=len(done_ids), desc="distily synth", unit="sample", mininterval=1.0)
     try:
         for generation in backend.generate(budget.gate(requests(), backend)):
+            progress.update(1)
             budget.settle(generation)
             if generation.error:
                 state["failed"][generation.id] = generation.error
@@ -733,6 +738,7 @@ def _run(args, teacher_args, backend: Backend, source_prompts, command, secrets)
         status = "interrupted"
         raise
     finally:
+        progress.close()
         session["seconds"] = round(time.monotonic() - started, 3)
         session["samples_per_second"] = round(session["samples"] / session["seconds"], 4) if session["seconds"] else 0
         session["ended_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,61 +1,31 @@
-"""Corpora, deterministic train/eval splits, tokenisation and packing into fixed-length blocks.
-
-Tokenised blocks are cached by ``datasets``: the fingerprint of each step is derived from its inputs (the
-source documents, the tokenizer's full definition, ``seq_len``), so a second run with the same inputs reads
-the cached Arrow file instead of tokenising again or writing a second copy.
-"""
+"""Where documents come from: the built-in ``python-stdlib`` corpus, folders of files, data files, saved and Hub
+datasets, ``distily synth`` folders; and how they are split into train and eval documents."""
 
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import logging
 import os
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
 from datasets import Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
-from .config import DataArguments
-from .errors import DataError
-from .teacher.synth_dataset import REQUEST_COLUMN, is_synth_folder, load_synth_documents, pack_synth_dataset
+from ..config import DataArguments
+from ..errors import DataError
+from .hashing import eval_bucket, is_eval_key, stable_hash
+from .synth_format import is_synth_folder, load_synth_documents
 
 logger = logging.getLogger(__name__)
 
 PYTHON_STDLIB = "python-stdlib"
-# Bumped whenever the packing below changes, so stale caches are never reused.
-PACKING_VERSION = 1
 EVAL_SPLIT_NAMES = ("validation", "eval", "test")
-# Values of the block_split column (prepare_datasets(block_index=True)).
-BLOCK_SPLITS = {"train": 0, "eval": 1}
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 # Folders never read as corpus: installed third-party packages, caches and VCS metadata.
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn", "node_modules", ".venv"}
-
-
-def stable_hash(*parts: object) -> str:
-    """A hex digest of ``parts`` that is the same in every process and Python version."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-        digest.update(b"\x00")
-    return digest.hexdigest()[:16]
-
-
-def is_eval_key(key: str, eval_fraction: float) -> bool:
-    """Deterministic hold-out: a document is in the eval split iff the hash of its key falls below the fraction."""
-    bucket = int(hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < eval_fraction
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading documents
 
 
 def python_stdlib_root() -> Path:
@@ -92,6 +62,29 @@ def _read_documents(root: str, relative_paths: list[str], fingerprint: str) -> I
             yield {"text": text, "path": relative}
 
 
+def split_files(relative: list[str], eval_fraction: float, where: str = "folder") -> dict[str, list[str]]:
+    """Train and eval files of a folder, by the hash of each path (:func:`is_eval_key`), both sides non-empty.
+
+    A small folder can hash every file to one side (40 files at the default 5% leave eval empty about 13% of the
+    time). Then the file closest to the other side moves there -- the train file with the smallest bucket into
+    eval, or the eval file with the largest into train -- deterministically, and the log says so.
+    """
+    splits: dict[str, list[str]] = {"train": [], "eval": []}
+    for rel in relative:
+        splits["eval" if is_eval_key(rel, eval_fraction) else "train"].append(rel)
+    for empty, full, pick in (("eval", "train", min), ("train", "eval", max)):
+        if not splits[empty] and len(splits[full]) >= 2:
+            moved = pick(splits[full], key=eval_bucket)
+            splits[full].remove(moved)
+            splits[empty].append(moved)
+            logger.warning(
+                "Dataset %s: --eval_fraction %g put none of its %d files in the %s split; moved %r there (the file "
+                "whose path hash is closest to it) so both splits have files.",
+                where, eval_fraction, len(relative), empty, moved,
+            )  # fmt: skip
+    return splits
+
+
 def files_dataset(root: Path, eval_fraction: float, cache_dir: str | None, suffixes=None) -> DatasetDict:
     """A folder of text or code files as a ``DatasetDict`` (``train``/``eval``, split by path hash)."""
     if not root.is_dir():
@@ -102,14 +95,12 @@ def files_dataset(root: Path, eval_fraction: float, cache_dir: str | None, suffi
         raise DataError(f"Dataset folder {str(root)!r} contains no {kind}. Point --dataset at a folder with text.")
     relative = [str(path.relative_to(root)) for path in files]
     stats = [(rel, path.stat().st_size, path.stat().st_mtime_ns) for rel, path in zip(relative, files, strict=False)]
-    splits = {"train": [], "eval": []}
-    for rel in relative:
-        splits["eval" if is_eval_key(rel, eval_fraction) else "train"].append(rel)
-    if not splits["train"] or not splits["eval"]:
+    if len(relative) < 2:
         raise DataError(
             f"Dataset folder {str(root)!r} has {len(relative)} file(s): too few to hold out an eval split with "
             f"--eval_fraction {eval_fraction}. Add files or raise --eval_fraction."
         )
+    splits = split_files(relative, eval_fraction, str(root))
     fingerprint = stable_hash(str(root), stats)
     features = datasets.Features({"text": datasets.Value("string"), "path": datasets.Value("string")})
     documents = {}
@@ -252,149 +243,3 @@ def _in_eval(batch: dict, text_field: str, fraction: float, want: bool) -> list[
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenising and packing
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything about a tokenizer that changes token ids.
-
-    Fast tokenizers serialise their whole pipeline (``backend_tokenizer.to_str()``); hashing the Python object
-    itself is unreliable (its state changes as it is used), which would defeat the cache. For the same reason the
-    truncation and padding settings are left out: a call with ``truncation=True`` leaves them set on the backend,
-    and packing never truncates or pads.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        pipeline = json.loads(backend.to_str())
-        pipeline.pop("truncation", None)
-        pipeline.pop("padding", None)
-        definition = json.dumps(pipeline, sort_keys=True)
-    else:
-        definition = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    special = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return stable_hash(type(tokenizer).__name__, definition, special)
-
-
-def _pack(batch: dict, tokenizer, seq_len: int, separator: int | None) -> dict:
-    """Tokenise documents, join them with the separator (EOS) and cut into ``seq_len`` blocks.
-
-    The remainder shorter than a block at the end of each batch of documents is dropped.
-    """
-    stream: list[int] = []
-    for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        if separator is not None:
-            stream.append(separator)
-    usable = len(stream) - len(stream) % seq_len
-    return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
-
-
-def pack_dataset(
-    documents: Dataset,
-    tokenizer,
-    seq_len: int,
-    num_proc: int | None = None,
-    desc: str = "Tokenising and packing",
-) -> Dataset:
-    """``documents`` (a ``text`` column) as ``seq_len``-token blocks in an ``input_ids`` column (int32)."""
-    separator = tokenizer.eos_token_id
-    fingerprint = stable_hash(documents._fingerprint, tokenizer_fingerprint(tokenizer), seq_len, PACKING_VERSION)
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    return documents.map(
-        _pack,
-        batched=True,
-        batch_size=256,
-        remove_columns=documents.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "separator": separator},
-        features=features,
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
-
-
-@dataclass
-class PreparedData:
-    """Packed training and evaluation blocks, ready for the Trainer."""
-
-    train: Dataset
-    eval: Dataset
-    train_documents: int
-    eval_documents: int
-    # datasets fingerprints of the packed splits before any block selection (a recorded teacher checks them).
-    source_fingerprints: dict[str, str] | None = None
-
-    @property
-    def train_tokens(self) -> int:
-        return len(self.train) * len(self.train[0]["input_ids"]) if len(self.train) else 0
-
-
-def prepare_datasets(
-    args: DataArguments, tokenizer, seq_len: int, seed: int = 42, block_index: bool = False
-) -> PreparedData:
-    """Load, split, tokenise and pack; errors name the problem (empty data, text too short, ...).
-
-    ``block_index=True`` adds a ``block_index`` column (the block's row in its packed split, before any
-    selection) and a ``block_split`` column (0 train, 1 eval): they name the rows of a recorded teacher.
-    """
-    documents = load_documents(args)
-    packed = {}
-    # Prompt/completion samples (a synth folder, default text field): chat-rendered, prompt tokens masked.
-    structured = REQUEST_COLUMN in documents["train"].column_names and args.dataset_text_field == "text"
-    for split in ("train", "eval"):
-        if structured:
-            blocks = pack_synth_dataset(
-                documents[split], tokenizer, seq_len, args.prompt_loss, args.preprocessing_num_workers,
-                desc=f"Packing {split} samples",
-            )  # fmt: skip
-        else:
-            blocks = pack_dataset(
-                documents[split], tokenizer, seq_len, args.preprocessing_num_workers, desc=f"Packing {split} blocks"
-            )
-        if len(blocks) == 0:
-            raise DataError(
-                f"The {split} split of {args.dataset!r} holds fewer than seq_len={seq_len} tokens, so no block "
-                "could be packed. Use more text or a smaller --seq_len."
-            )
-        if block_index:
-            blocks = blocks.add_column("block_index", list(range(len(blocks))))
-            blocks = blocks.add_column("block_split", [BLOCK_SPLITS[split]] * len(blocks))
-        packed[split] = blocks
-    source_fingerprints = {split: blocks._fingerprint for split, blocks in packed.items()}
-    train, evaluation = packed["train"], packed["eval"]
-    if args.max_train_blocks is not None and len(train) > args.max_train_blocks:
-        train = train.shuffle(seed=seed).select(range(args.max_train_blocks))
-    if args.max_eval_blocks is not None and len(evaluation) > args.max_eval_blocks:
-        # A fixed seed: the same eval blocks for every run, so perplexities are comparable across runs.
-        evaluation = evaluation.shuffle(seed=0).select(range(args.max_eval_blocks))
-    return PreparedData(train, evaluation, len(documents["train"]), len(documents["eval"]), source_fingerprints)
-
-
-class BlockCollator:
-    """Batches token blocks: pads to the longest, ``labels`` = ids with padding as -100.
-
-    A ``labels`` column in the dataset (e.g. prompts masked with -100 in synthetic data) is kept as given;
-    ``block_index``/``block_split`` columns (rows of a recorded teacher) are passed through as tensors.
-    """
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), length), dtype=torch.long)
-        for row, feature in enumerate(features):
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-            given = feature.get("labels")
-            labels[row, : len(ids)] = ids if given is None else torch.as_tensor(given, dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for name in BLOCK_COLUMNS:
-            if name in features[0]:
-                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.long)
-        return batch
-
-
-BLOCK_COLUMNS = ("block_index", "block_split")
