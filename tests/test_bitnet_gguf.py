@@ -32,15 +32,16 @@ FALLBACK = {"hidden_size": 320, "intermediate_size": 512}
 #    blocks of 32 for Q8_0 ones, float16 for F16 ones; tests/llama_cpp_arithmetic.py), not per token as BitLinear
 #    does. Against the student run with that arithmetic in PyTorch the file agrees up to float32 accumulation
 #    order, which now and then moves an activation across a rounding boundary: measured on 14 trained students
-#    (seeds 0-6, both widths) p99 |Δlogit| ≤ 0.005·σ, mean ≤ 0.0008·σ, perplexity within 3e-4 (σ: the logits'
-#    standard deviation, 4-8 here). A wrong mapping (a scale, a norm, a permutation) moves logits by about σ.
-KERNEL_P99 = 0.01  # × σ
+#    (seeds 0-6, both widths; benchmarks/bitnet_gguf_kernels.py) p99 |Δlogit| ≤ 0.0062·σ, mean ≤ 0.0008·σ,
+#    perplexity within 3e-4 (σ: the logits' standard deviation, 4-8 here). A wrong mapping (a scale, a norm, a
+#    permutation) moves logits by about σ, fifty times the bound.
+KERNEL_P99 = 0.02  # × σ
 KERNEL_MEAN = 0.002  # × σ
 KERNEL_PPL_REL = 1e-3
 # 2. Quality against the student's own BitLinear forward: how much llama.cpp's block-wise activation rounding
 #    changes this student. It depends on the trained student (so on the CPU that trained it, which is why one
 #    maximum bound held on one machine and not on another): over the same 14 students max |Δlogit| 0.15-5.2, but
-#    p95 ≤ 0.032·σ, perplexity within 1.1%, the top token the same at ≥ 97.9% of positions.
+#    p95 ≤ 0.032·σ, perplexity within 1.1%, the top token the same at ≥ 96.9% of positions.
 QUALITY_P95 = 0.1  # × σ
 QUALITY_PPL_REL = 0.02
 QUALITY_TOP1 = 0.95
