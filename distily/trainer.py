@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_optimizer import is_optimizer_factory
 
-from .bitnet import separate_latent_weights, warmup_callback
+from .bitnet import latent_learning_rate, latent_weights, warmup_callback
 from .chunked import (
     HeadTeacherSignal,
     LogitsTeacherSignal,
@@ -48,6 +49,9 @@ TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
 logger = logging.getLogger(__name__)
 
 PROJECTORS_FILE = "projectors.safetensors"
+# Optimizer keyword arguments with which Trainer's optimizers bring their own parameter groups (GaLore and Apollo:
+# params; LOMO: model; layer-wise optimizers: optimizer_dict).
+OWN_GROUP_KWARGS = {"params", "model", "optimizer_dict"}
 
 
 class StepTimer(TrainerCallback):
@@ -223,6 +227,13 @@ class DistillationTrainer(Trainer):
         if intermediate_components:
             self.intermediate = IntermediateObjective(components, model, self.teacher).to(self.args.device)
             self.add_callback(ProjectorCheckpoints(self))
+        if self.optimizer is not None and self._adds_groups():
+            raise ConfigError(
+                "optimizers=(optimizer, scheduler) was given, but this run trains parameter groups an optimizer "
+                "built outside the trainer cannot know of: the projectors of its hidden-state objective and/or a "
+                "BitNet student's latent weights at bitnet.learning_rate. Pass optimizer_cls_and_kwargs=(cls, "
+                "kwargs) instead, so that the trainer builds the groups with that optimizer."
+            )
         self.chunked = self._use_chunked_loss()
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
         self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
@@ -307,17 +318,63 @@ class DistillationTrainer(Trainer):
     # -- projectors: optimizer, checkpoints ---------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer for the student, plus one parameter group for the projectors (learning rate
-        ``projector_learning_rate`` or ``learning_rate``, the student's weight decay and schedule), and for a
-        BitNet student with ``bitnet.learning_rate`` its own groups for the ternary latent weights."""
-        optimizer = super().create_optimizer(model)
-        separate_latent_weights(self.model, optimizer)
-        params = [p for p in self.intermediate.parameters() if p.requires_grad] if self.intermediate else []
-        already = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if params and not any(id(p) in already for p in params):
-            lr = self.args.projector_learning_rate or self.args.learning_rate
-            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": self.args.weight_decay})
-        return optimizer
+        """The optimizer over :meth:`parameter_groups`, built once (a second call returns the same optimizer).
+
+        The class and its settings are Trainer's (``--optim``, ``--learning_rate``, ``--adam_beta1``, ... or
+        ``optimizer_cls_and_kwargs``). Optimizers that Trainer builds its own way (a factory such as Muon, or one
+        that groups the parameters itself: GaLore, LOMO, layer-wise) are left to Trainer when this run adds no
+        groups of its own, and refused when it does.
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or OWN_GROUP_KWARGS & set(kwargs):
+            if self._adds_groups():
+                raise ConfigError(
+                    f"--optim {self.args.optim} groups the parameters itself, so the projectors "
+                    "(projector_learning_rate) and a BitNet student's latent weights (bitnet.learning_rate) cannot "
+                    "have their own groups. Use an optimizer such as adamw_torch, or drop those options."
+                )
+            return super().create_optimizer(model)
+        self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **kwargs)
+        return self.optimizer
+
+    def parameter_groups(self, model: nn.Module) -> list[dict]:
+        """The optimizer's parameter groups, declared once, in this order (every group follows the schedule):
+
+        1. the student's weights, with ``weight_decay`` (Trainer's rule: ``get_decay_parameter_names``);
+        2. the student's biases and norms, without weight decay;
+        3. for a BitNet student with ``bitnet.learning_rate``: its latent ternary weights at that peak rate, marked
+           ``bitnet_latent``, one group per weight-decay setting above that they would have had;
+        4. the projectors of hidden-state components at ``projector_learning_rate`` (default ``learning_rate``),
+           with the student's ``weight_decay``.
+        """
+        args = self.args
+        decay = set(self.get_decay_parameter_names(model))
+        latent_rate = latent_learning_rate(self.model)
+        latent = {id(weight) for weight in latent_weights(model)} if latent_rate is not None else set()
+        trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        groups, latent_groups = [], []
+        for decays, weight_decay in ((True, args.weight_decay), (False, 0.0)):
+            params = [param for name, param in trainable if (name in decay) == decays]
+            groups.append({"params": [p for p in params if id(p) not in latent], "weight_decay": weight_decay})
+            if moved := [p for p in params if id(p) in latent]:
+                latent_groups.append(
+                    {"params": moved, "weight_decay": weight_decay, "lr": latent_rate, "bitnet_latent": True}
+                )
+        groups += latent_groups
+        if projectors := self._projector_parameters():
+            lr = args.projector_learning_rate or args.learning_rate
+            groups.append({"params": projectors, "lr": lr, "weight_decay": args.weight_decay})
+        return groups
+
+    def _projector_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.intermediate.parameters() if p.requires_grad] if self.intermediate else []
+
+    def _adds_groups(self) -> bool:
+        """Whether :meth:`parameter_groups` holds more than Trainer's two (projectors, BitNet latent weights)."""
+        return bool(self._projector_parameters()) or latent_learning_rate(self.model) is not None
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Trainer's ``train``; on resume, first restores the projectors from the checkpoint's

@@ -56,7 +56,6 @@ from .schedule import (
     BitNetWarmup,
     latent_learning_rate,
     latent_weights,
-    separate_latent_weights,
     warmup_callback,
     warmup_lambda,
 )
@@ -96,7 +95,6 @@ __all__ = [
     "packed_state_dict",
     "parse_bitnet_option",
     "save_packed",
-    "separate_latent_weights",
     "set_bitnet_metadata",
     "set_quant_lambda",
     "split_bitnet_overrides",

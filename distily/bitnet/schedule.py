@@ -70,23 +70,3 @@ def latent_learning_rate(model: nn.Module) -> float | None:
 def latent_weights(model: nn.Module) -> list[nn.Parameter]:
     """The latent full-precision weights of the ternary projections (every :class:`BitLinear`'s ``weight``)."""
     return [module.weight for module in bitlinear_modules(model).values()]
-
-
-def separate_latent_weights(model: nn.Module, optimizer) -> int:
-    """Move the ternary projections' latent weights into their own parameter groups at ``learning_rate`` (one
-    per existing group they were in, so weight decay and other settings carry over). Call before the learning-rate
-    scheduler is built, so it scales the new groups too. Returns how many weights moved (0: nothing to do)."""
-    rate = latent_learning_rate(model)
-    if rate is None:
-        return 0
-    latent = {id(weight) for weight in latent_weights(model)}
-    moved_groups = []
-    for group in optimizer.param_groups:
-        moved = [p for p in group["params"] if id(p) in latent]
-        if moved and not group.get("bitnet_latent"):  # (Trainer hands back its optimizer on a second call)
-            group["params"] = [p for p in group["params"] if id(p) not in latent]
-            settings = {key: value for key, value in group.items() if key not in ("params", "initial_lr")}
-            moved_groups.append({**settings, "params": moved, "lr": rate, "bitnet_latent": True})
-    for group in moved_groups:
-        optimizer.add_param_group(group)
-    return sum(len(group["params"]) for group in moved_groups)
