@@ -47,8 +47,8 @@ from .distributed import check_world_size, place_teacher, world_size_from_env, w
 from .features import IntermediateObjective
 from .io import atomic_path
 from .losses import build_loss
+from .teacher.cache import SPLIT_IDS, CacheError, TeacherCache
 from .teacher.loading import freeze
-from .teacher.recorded import SPLIT_IDS, CacheError, TeacherCache
 from .timing import TrainTimeBudget
 
 TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
