@@ -127,6 +127,15 @@ class TokenObjective:
         """``(3,)`` summed over tokens, or ``(3, num_sequences)`` summed per sequence."""
         return (len(STAT_NAMES),) if self.sequence_ids is None else (len(STAT_NAMES), self.num_sequences)
 
+    @property
+    def has_terms(self) -> bool:
+        """Whether any per-token term is computed (not: hidden-state components only, during training)."""
+        return bool(self.loss_fn is not None or self.student_ce or self.teacher_ce)
+
+    def zeros(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """``(objective, stats)`` of an objective without terms: zeros, computed without any logits."""
+        return torch.zeros((), device=device), torch.zeros(self.stats_shape, device=device)
+
     def __call__(self, student_logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         """``(objective, stats)`` for ``student_logits`` of the selected tokens ``rows``."""
         labels = self.labels[rows]

@@ -1,11 +1,13 @@
 """Facts about a causal LM that several features need: a leaf over torch and transformers only.
 
 Where its decoder layers are (one rule for student building, hidden-state objectives, BitNet conversion and
-distributed wrapping), how many layers a config has, how many parameters a model has, and whether its weights
-stay quantised in memory.
+distributed wrapping), how many layers a config has, how many parameters a model has, whether its weights
+stay quantised in memory, and how many bytes it takes (on disk, or in float16).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,3 +79,19 @@ def is_quantized(model: torch.nn.Module) -> bool:
         return False
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
     return str(getattr(method, "value", method)).lower() != "gguf"
+
+
+def directory_bytes(path: str | Path) -> int:
+    """Bytes on disk of the model files in a folder (weights and config, not tokenizer or logs)."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) + (path / "config.json").stat().st_size
+
+
+def fp16_bytes(model: nn.Module) -> int:
+    """Bytes of ``model`` stored in float16 (every unique floating-point parameter and buffer, 2 bytes each)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen and tensor.is_floating_point():
+            seen.add(id(tensor))
+            total += tensor.numel() * 2
+    return total

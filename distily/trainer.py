@@ -1,8 +1,14 @@
 """``DistillationTrainer``: a ``transformers.Trainer`` that distils a frozen teacher into the student.
 
-Only public Trainer hooks are overridden: ``compute_loss`` (the objective), ``evaluation_loop`` (adds the
-student's and teacher's perplexities to the eval metrics) and ``log`` (adds loss components, step time,
-throughput and peak memory).
+Only public Trainer hooks are overridden: ``compute_loss`` (the objective), ``create_optimizer`` (the parameter
+groups, declared once), ``train`` (restores the projectors on resume), ``evaluation_loop`` (adds the student's and
+teacher's perplexities to the eval metrics) and ``log`` (adds loss components, step time, throughput and peak
+memory).
+
+``compute_loss`` decides once per batch which terms it has and which path it takes, then calls one method per
+part: the teacher's signal, one method per source (recorded, live head per chunk, live logits); the student's
+logit terms, one method per path (chunked, full logits); the feature terms, the normalisation and the
+bookkeeping (eval sums, log components) once for every path. A new teacher signal or student path is one method.
 """
 
 from __future__ import annotations
@@ -14,14 +20,16 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_optimizer import is_optimizer_factory
 
-from .bitnet import separate_latent_weights, warmup_callback
+from .bitnet import latent_learning_rate, latent_weights, warmup_callback
 from .chunked import (
     HeadTeacherSignal,
     LogitsTeacherSignal,
@@ -39,8 +47,8 @@ from .distributed import check_world_size, place_teacher, world_size_from_env, w
 from .features import IntermediateObjective
 from .io import atomic_path
 from .losses import build_loss
+from .teacher.cache import SPLIT_IDS, CacheError, TeacherCache
 from .teacher.loading import freeze
-from .teacher.recorded import SPLIT_IDS, CacheError, TeacherCache
 from .timing import TrainTimeBudget
 
 TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
@@ -48,6 +56,9 @@ TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
 logger = logging.getLogger(__name__)
 
 PROJECTORS_FILE = "projectors.safetensors"
+# Optimizer keyword arguments with which Trainer's optimizers bring their own parameter groups (GaLore and Apollo:
+# params; LOMO: model; layer-wise optimizers: optimizer_dict).
+OWN_GROUP_KWARGS = {"params", "model", "optimizer_dict"}
 
 
 class StepTimer(TrainerCallback):
@@ -150,6 +161,23 @@ def check_compatible(student: nn.Module, teacher: nn.Module | None, args: Distil
         )
 
 
+@dataclass
+class LossBatch:
+    """What ``compute_loss`` decides about one batch before any model runs: its terms and its path."""
+
+    labels: torch.Tensor  # (B, L-1): the next token of each position, -100 where none is predicted
+    mask: torch.Tensor  # (B, L-1): the real next-token positions (labels != -100)
+    training: bool  # False: evaluation (statistics per sequence, the teacher's cross-entropy)
+    chunked: bool  # heads and per-token terms a chunk at a time from final hidden states, or full logits
+    kd: bool  # a distillation term on the logits
+    teacher_ce: bool  # the teacher's cross-entropy (its eval perplexity)
+
+    @property
+    def needs_signal(self) -> bool:
+        """Whether a logit term needs the teacher's signal."""
+        return self.kd or self.teacher_ce
+
+
 class DistillationTrainer(Trainer):
     """Train ``model`` (the student) to match ``teacher_model``.
 
@@ -223,6 +251,13 @@ class DistillationTrainer(Trainer):
         if intermediate_components:
             self.intermediate = IntermediateObjective(components, model, self.teacher).to(self.args.device)
             self.add_callback(ProjectorCheckpoints(self))
+        if self.optimizer is not None and self._adds_groups():
+            raise ConfigError(
+                "optimizers=(optimizer, scheduler) was given, but this run trains parameter groups an optimizer "
+                "built outside the trainer cannot know of: the projectors of its hidden-state objective and/or a "
+                "BitNet student's latent weights at bitnet.learning_rate. Pass optimizer_cls_and_kwargs=(cls, "
+                "kwargs) instead, so that the trainer builds the groups with that optimizer."
+            )
         self.chunked = self._use_chunked_loss()
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
         self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
@@ -307,17 +342,63 @@ class DistillationTrainer(Trainer):
     # -- projectors: optimizer, checkpoints ---------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer for the student, plus one parameter group for the projectors (learning rate
-        ``projector_learning_rate`` or ``learning_rate``, the student's weight decay and schedule), and for a
-        BitNet student with ``bitnet.learning_rate`` its own groups for the ternary latent weights."""
-        optimizer = super().create_optimizer(model)
-        separate_latent_weights(self.model, optimizer)
-        params = [p for p in self.intermediate.parameters() if p.requires_grad] if self.intermediate else []
-        already = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if params and not any(id(p) in already for p in params):
-            lr = self.args.projector_learning_rate or self.args.learning_rate
-            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": self.args.weight_decay})
-        return optimizer
+        """The optimizer over :meth:`parameter_groups`, built once (a second call returns the same optimizer).
+
+        The class and its settings are Trainer's (``--optim``, ``--learning_rate``, ``--adam_beta1``, ... or
+        ``optimizer_cls_and_kwargs``). Optimizers that Trainer builds its own way (a factory such as Muon, or one
+        that groups the parameters itself: GaLore, LOMO, layer-wise) are left to Trainer when this run adds no
+        groups of its own, and refused when it does.
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or OWN_GROUP_KWARGS & set(kwargs):
+            if self._adds_groups():
+                raise ConfigError(
+                    f"--optim {self.args.optim} groups the parameters itself, so the projectors "
+                    "(projector_learning_rate) and a BitNet student's latent weights (bitnet.learning_rate) cannot "
+                    "have their own groups. Use an optimizer such as adamw_torch, or drop those options."
+                )
+            return super().create_optimizer(model)
+        self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **kwargs)
+        return self.optimizer
+
+    def parameter_groups(self, model: nn.Module) -> list[dict]:
+        """The optimizer's parameter groups, declared once, in this order (every group follows the schedule):
+
+        1. the student's weights, with ``weight_decay`` (Trainer's rule: ``get_decay_parameter_names``);
+        2. the student's biases and norms, without weight decay;
+        3. for a BitNet student with ``bitnet.learning_rate``: its latent ternary weights at that peak rate, marked
+           ``bitnet_latent``, one group per weight-decay setting above that they would have had;
+        4. the projectors of hidden-state components at ``projector_learning_rate`` (default ``learning_rate``),
+           with the student's ``weight_decay``.
+        """
+        args = self.args
+        decay = set(self.get_decay_parameter_names(model))
+        latent_rate = latent_learning_rate(self.model)
+        latent = {id(weight) for weight in latent_weights(model)} if latent_rate is not None else set()
+        trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        groups, latent_groups = [], []
+        for decays, weight_decay in ((True, args.weight_decay), (False, 0.0)):
+            params = [param for name, param in trainable if (name in decay) == decays]
+            groups.append({"params": [p for p in params if id(p) not in latent], "weight_decay": weight_decay})
+            if moved := [p for p in params if id(p) in latent]:
+                latent_groups.append(
+                    {"params": moved, "weight_decay": weight_decay, "lr": latent_rate, "bitnet_latent": True}
+                )
+        groups += latent_groups
+        if projectors := self._projector_parameters():
+            lr = args.projector_learning_rate or args.learning_rate
+            groups.append({"params": projectors, "lr": lr, "weight_decay": args.weight_decay})
+        return groups
+
+    def _projector_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.intermediate.parameters() if p.requires_grad] if self.intermediate else []
+
+    def _adds_groups(self) -> bool:
+        """Whether :meth:`parameter_groups` holds more than Trainer's two (projectors, BitNet latent weights)."""
+        return bool(self._projector_parameters()) or latent_learning_rate(self.model) is not None
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Trainer's ``train``; on resume, first restores the projectors from the checkpoint's
@@ -338,12 +419,133 @@ class DistillationTrainer(Trainer):
             load_projectors(self.intermediate, path)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
-    # -- objective ---------------------------------------------------------------------------------------------
+    # -- objective: one batch, dispatched once -----------------------------------------------------------------
 
     @property
     def has_teacher(self) -> bool:
         """A live or a recorded teacher."""
         return self.teacher is not None or self.teacher_cache is not None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The distillation objective (see the class docstring), normalised by the number of real tokens.
+
+        One batch, one step per method: :meth:`_loss_batch` decides once which terms it has and which path it
+        takes; :meth:`_teacher_side` gives the teacher's signal (live or recorded, :meth:`teacher_signal`) and the
+        features the intermediate components read; the student's path (:meth:`_loss_chunked` or
+        :meth:`_loss_logits`) sums the per-token logit terms; then, the same for every path, the feature terms are
+        added, the sum is normalised and the batch's statistics are recorded (:meth:`_record_batch`).
+
+        During training, ``num_items_in_batch`` (the real tokens of the whole accumulated batch, across
+        devices) is the normaliser, so gradient accumulation and data parallelism give the same gradients as
+        one big batch. With ``chunked_loss`` the heads and the per-token terms are computed chunk by chunk from
+        the final hidden states (:mod:`distily.chunked`); otherwise from full logits. Both give the same numbers.
+        """
+        batch = self._loss_batch(model, inputs, return_outputs)
+        signal, teacher_features = self._teacher_side(inputs, batch)
+        objective = self._token_objective(batch, signal)
+        student_path = self._loss_chunked if batch.chunked else self._loss_logits
+        with self._capture(self.accelerator.unwrap_model(model), "student", batch.mask) as student_features:
+            total, stats, outputs = student_path(model, inputs, batch.mask, objective)
+        total, feature_sums = self._add_feature_terms(total, student_features, teacher_features)
+        local_tokens = batch.mask.sum()
+        normaliser = num_items_in_batch if (batch.training and num_items_in_batch is not None) else local_tokens
+        # A batch with no real token contributes zero (not 0/0); its gradient is zero too.
+        normaliser = normaliser.clamp(min=1) if isinstance(normaliser, torch.Tensor) else max(normaliser, 1)
+        loss = total / normaliser
+        self._record_batch(batch, objective, stats, feature_sums, normaliser, inputs)
+        if batch.training:
+            # The loss is already normalised over the accumulated batch when num_items_in_batch is known.
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_batch(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool) -> LossBatch:
+        """Which terms this batch has and which path it takes, decided once before any model runs."""
+        args: DistillationConfig = self.args
+        training = model.training
+        # Metrics computed from logits need the full logits: evaluate those batches on the plain path.
+        wants_logits = return_outputs and (self.compute_metrics is not None or self.preprocess_logits_for_metrics)
+        labels = inputs["labels"][:, 1:]
+        return LossBatch(
+            labels=labels,
+            mask=labels != -100,
+            training=training,
+            chunked=self.chunked and not wants_logits,
+            kd=args.alpha > 0 and self.logits_weight > 0,
+            teacher_ce=not training and self.has_teacher and args.eval_teacher,
+        )
+
+    def _token_objective(self, batch: LossBatch, signal: TeacherSignal | None) -> TokenObjective:
+        """The per-token logit terms of the batch (``distily.chunked.TokenObjective``), the same on every path."""
+        args: DistillationConfig = self.args
+        return TokenObjective(
+            labels=batch.labels[batch.mask],
+            loss_fn=self.loss_fn if batch.kd else None,
+            teacher=signal,
+            temperature=args.temperature,
+            kd_weight=self.logits_weight * args.alpha,
+            ce_weight=self.logits_weight * (1 - args.alpha),
+            student_ce=(args.alpha < 1 and self.logits_weight > 0) or not batch.training,
+            teacher_ce=batch.teacher_ce,
+            # Evaluation sums its statistics per sequence (see _accumulate_eval).
+            sequence_ids=None if batch.training else sequence_index(batch.mask),
+            num_sequences=batch.mask.shape[0],
+        )
+
+    def _add_feature_terms(self, total: torch.Tensor, student_features: dict, teacher_features: dict):
+        """``total`` plus every hidden-state/attention component's weighted sum over the real tokens, and those sums
+        by component name: the one place feature terms join the objective, whatever the path."""
+        if self.intermediate is None:
+            return total, {}
+        sums = self.intermediate(student_features, teacher_features)
+        for component in self.intermediate.components:
+            total = total + component.weight * sums[component.name]
+        return total, sums
+
+    def _capture(self, model: nn.Module | None, role: str, mask: torch.Tensor):
+        """The intermediate objective's hooks on ``model``'s mapped layers for one forward pass (``{}`` without)."""
+        if self.intermediate is None:
+            return contextlib.nullcontext({})
+        return self.intermediate.capture(model, role, mask)
+
+    # -- the teacher's side: one method per source ---------------------------------------------------------------
+
+    def _teacher_side(self, inputs: dict[str, torch.Tensor], batch: LossBatch) -> tuple[TeacherSignal | None, dict]:
+        """The teacher's part of a batch, from one pass of the teacher: its signal for the logit terms (None when
+        no term needs one) and the features the intermediate components read (``{}`` without them)."""
+        with self._capture(self.teacher, "teacher", batch.mask) as captured:
+            signal = self.teacher_signal(inputs, batch.mask, batch.chunked) if batch.needs_signal else None
+            if signal is None and self.intermediate is not None:
+                self.teacher_forward(inputs)  # the hooks keep the mapped layers
+        # Normal tensors (the teacher ran in inference mode), so the feature losses can save them for backward.
+        return signal, {key: value.clone() for key, value in captured.items()}
+
+    def teacher_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, chunked: bool) -> TeacherSignal:
+        """The teacher's side of the objective for the real next-token positions ``mask`` (B, L-1) of a batch:
+        a recorded teacher's top-k rows (:meth:`_recorded_signal`), or a live teacher's final hidden states with
+        its head applied per chunk (:meth:`_live_head_signal`, chunked path) or its full logits
+        (:meth:`_live_logits_signal`, plain path)."""
+        if self.teacher_cache is not None:
+            return self._recorded_signal(inputs, mask)
+        return self._live_head_signal(inputs, mask) if chunked else self._live_logits_signal(inputs, mask)
+
+    def _recorded_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> TeacherSignal:
+        """``args.teacher_cache``: the top-k rows recorded for the batch's blocks (no teacher runs)."""
+        return self.teacher_cache.signal(inputs, mask, inputs["input_ids"].device)
+
+    def _live_head_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> TeacherSignal:
+        """The live teacher's final hidden states, in inference mode and in its own dtype; its head is applied
+        one chunk at a time by the chunked path."""
+        with torch.inference_mode():
+            hidden = teacher_hidden_states(self.teacher, *self._teacher_inputs(inputs))
+            hidden = hidden[:, :-1][mask.to(hidden.device)]
+        # A normal tensor (cheap: hidden size, not vocabulary), so chunks can be used outside inference mode.
+        return HeadTeacherSignal(hidden.clone(), self.teacher.get_output_embeddings(), inputs["input_ids"].device)
+
+    def _live_logits_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> TeacherSignal:
+        """The live teacher's full logits at the real positions."""
+        return LogitsTeacherSignal(self.teacher_logits(inputs)[:, :-1][mask])
 
     def teacher_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The frozen teacher's logits for a batch (no gradients, teacher's own dtype, on the student's device)."""
@@ -352,121 +554,64 @@ class DistillationTrainer(Trainer):
             logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits.to(inputs["input_ids"].device)
 
-    def _teacher_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The batch's ``input_ids`` and ``attention_mask`` on the teacher's input device."""
-        device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
-        return inputs["input_ids"].to(device), attention_mask.to(device) if attention_mask is not None else None
-
-    def teacher_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, chunked: bool) -> TeacherSignal:
-        """The teacher's side of the objective for the real next-token positions ``mask`` (B, L-1) of a batch.
-
-        Chunked path: the teacher's final hidden states, computed in inference mode and in the teacher's own
-        dtype, with its head applied one chunk at a time. Plain path: its full logits. A recorded teacher
-        (``args.teacher_cache``) serves the top-k rows it recorded for the batch's blocks instead.
-        """
-        if self.teacher_cache is not None:
-            return self.teacher_cache.signal(inputs, mask, inputs["input_ids"].device)
-        if chunked:
-            with torch.inference_mode():
-                hidden = teacher_hidden_states(self.teacher, *self._teacher_inputs(inputs))
-                hidden = hidden[:, :-1][mask.to(hidden.device)]
-            # A normal tensor (cheap: hidden size, not vocabulary), so chunks can be used outside inference mode.
-            return HeadTeacherSignal(hidden.clone(), self.teacher.get_output_embeddings(), inputs["input_ids"].device)
-        return LogitsTeacherSignal(self.teacher_logits(inputs)[:, :-1][mask])
-
     def teacher_forward(self, inputs: dict[str, torch.Tensor]) -> None:
         """The teacher's decoder on a batch, in inference mode, for its intermediate features only (no head)."""
         with torch.inference_mode():
             teacher_hidden_states(self.teacher, *self._teacher_inputs(inputs))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The distillation objective (see the class docstring), normalised by the number of real tokens.
+    def _teacher_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's ``input_ids`` and ``attention_mask`` on the teacher's input device."""
+        device, attention_mask = self.teacher_input_device, inputs.get("attention_mask")
+        return inputs["input_ids"].to(device), attention_mask.to(device) if attention_mask is not None else None
 
-        During training, ``num_items_in_batch`` (the real tokens of the whole accumulated batch, across
-        devices) is the normaliser, so gradient accumulation and data parallelism give the same gradients as
-        one big batch. With ``chunked_loss`` the heads and the per-token terms are computed chunk by chunk from
-        the final hidden states (:mod:`distily.chunked`); otherwise from full logits. Both give the same numbers.
-        """
-        args: DistillationConfig = self.args
-        training = model.training
-        # Metrics computed from logits need the full logits: evaluate those batches on the plain path.
-        wants_logits = return_outputs and (self.compute_metrics is not None or self.preprocess_logits_for_metrics)
-        chunked = self.chunked and not wants_logits
-        labels = inputs["labels"][:, 1:]
-        mask = labels != -100
-        local_tokens = mask.sum()
-        normaliser = num_items_in_batch if (training and num_items_in_batch is not None) else local_tokens
-        teacher_ce = not training and self.has_teacher and args.eval_teacher
-        kd = args.alpha > 0 and self.logits_weight > 0
-        need_signal = kd or teacher_ce
-        intermediate = self.intermediate
-        teacher_features: dict = {}
-        with intermediate.capture(self.teacher, "teacher", mask) if intermediate else _no_capture() as captured:
-            signal = self.teacher_signal(inputs, mask, chunked) if need_signal else None
-            if intermediate is not None and not need_signal:
-                self.teacher_forward(inputs)  # the hooks keep the mapped layers
-        if captured:
-            # Normal tensors (the teacher ran in inference mode), so the feature losses can save them for backward.
-            teacher_features = {key: value.clone() for key, value in captured.items()}
-        objective = TokenObjective(
-            labels=labels[mask],
-            loss_fn=self.loss_fn if kd else None,
-            teacher=signal,
-            temperature=args.temperature,
-            kd_weight=self.logits_weight * args.alpha,
-            ce_weight=self.logits_weight * (1 - args.alpha),
-            student_ce=(args.alpha < 1 and self.logits_weight > 0) or not training,
-            teacher_ce=teacher_ce,
-            # Evaluation sums its statistics per sequence (see _accumulate_eval).
-            sequence_ids=None if training else sequence_index(mask),
-            num_sequences=mask.shape[0],
-        )
-        logit_terms = objective.loss_fn is not None or objective.student_ce or objective.teacher_ce
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        student = self.accelerator.unwrap_model(model)
-        with intermediate.capture(student, "student", mask) if intermediate else _no_capture() as student_features:
-            if chunked:
-                hidden, outputs = student_hidden_states(model, input_ids, attention_mask)
-                if logit_terms:
-                    head = student.get_output_embeddings()
-                    total, stats = chunked_head_objective(hidden[:, :-1][mask], head, objective, self.loss_chunk_size)
-                # Full logits never exist on this path: return the hidden states, not the last position's logits.
-                outputs = CausalLMOutputWithPast(hidden_states=outputs.hidden_states)
-            else:
-                outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                if logit_terms:
-                    total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
-        if not logit_terms:  # hidden states only, during training: the heads are not needed at all
-            total = torch.zeros((), device=input_ids.device)
-            stats = torch.zeros(objective.stats_shape, device=input_ids.device)
-        feature_sums = intermediate(student_features, teacher_features) if intermediate else {}
-        for component in intermediate.components if intermediate else ():
-            total = total + component.weight * feature_sums[component.name]
-        # A batch with no real token contributes zero (not 0/0); its gradient is zero too.
-        normaliser = normaliser.clamp(min=1) if isinstance(normaliser, torch.Tensor) else max(normaliser, 1)
-        loss = total / normaliser
+    # -- the student's side: one method per path -----------------------------------------------------------------
+    # Each runs the student once and returns (objective summed over the real tokens, stats, outputs).
+
+    def _loss_chunked(self, model, inputs: dict[str, torch.Tensor], mask: torch.Tensor, objective: TokenObjective):
+        """The student's final hidden states, then its head and the per-token terms a chunk of real tokens at a
+        time (:func:`distily.chunked.chunked_head_objective`): full logits never exist."""
+        input_ids = inputs["input_ids"]
+        hidden, outputs = student_hidden_states(model, input_ids, inputs.get("attention_mask"))
+        # Return the hidden states, not the last position's logits (all this path computed).
+        outputs = CausalLMOutputWithPast(hidden_states=outputs.hidden_states)
+        if not objective.has_terms:  # hidden states only, during training: the head is not needed at all
+            return *objective.zeros(input_ids.device), outputs
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        total, stats = chunked_head_objective(hidden[:, :-1][mask], head, objective, self.loss_chunk_size)
+        return total, stats, outputs
+
+    def _loss_logits(self, model, inputs: dict[str, torch.Tensor], mask: torch.Tensor, objective: TokenObjective):
+        """The student's full logits, the per-token terms on all real tokens at once (``--chunked_loss false``,
+        and evaluation with ``compute_metrics``)."""
+        input_ids = inputs["input_ids"]
+        outputs = model(input_ids=input_ids, attention_mask=inputs.get("attention_mask"), use_cache=False)
+        if not objective.has_terms:  # hidden states only, during training
+            return *objective.zeros(input_ids.device), outputs
+        total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
+        return total, stats, outputs
+
+    # -- bookkeeping: evaluation sums and log components ---------------------------------------------------------
+
+    def _record_batch(self, batch: LossBatch, objective: TokenObjective, stats, feature_sums, normaliser, inputs):
+        """The batch's statistics, apart from the loss: an evaluation batch adds its per-sequence sums to the
+        perplexities (:meth:`_accumulate_eval`, read by :meth:`evaluation_loop`); a training batch adds its
+        components and its token count to the next log entry (:meth:`_record_components`, read by :meth:`log`)."""
+        if not batch.training:
+            self._accumulate_eval(stats[1], stats[2], batch.mask.sum(-1))
+            return
         kd_sum, ce_sum, _ = (stats.sum(-1) if stats.dim() > 1 else stats).unbind()
-
         components: dict[str, torch.Tensor] = {}
-        if kd:
+        if batch.kd:
             components["loss_kd"] = kd_sum / normaliser
         if objective.student_ce:
             components["loss_ce"] = ce_sum / normaliser
         for name, value in feature_sums.items():
             components[f"loss_{name}"] = value.detach() / normaliser
-        if not training:
-            self._accumulate_eval(stats[1], stats[2], mask.sum(-1))
-
-        if training:
-            # The loss is already normalised over the accumulated batch when num_items_in_batch is known.
-            self.loss_is_scaled_for_ga = num_items_in_batch is not None
-            if num_items_in_batch is not None and args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-            self._record_components(components, normaliser, local_tokens)
-            self._tokens_since_log += (
-                int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else (inputs["input_ids"].numel())
-            )
-        return (loss, outputs) if return_outputs else loss
+        self._record_components(components, normaliser, batch.mask.sum())
+        attention_mask = inputs.get("attention_mask")
+        self._tokens_since_log += (
+            int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
+        )
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
@@ -524,11 +669,6 @@ class DistillationTrainer(Trainer):
             self._tokens_since_log = 0
             logs["peak_memory_mb"] = round(peak_memory_mb(self.args.device), 1)
         super().log(logs, start_time)
-
-
-@contextlib.contextmanager
-def _no_capture():
-    yield {}
 
 
 def sequence_index(mask: torch.Tensor) -> torch.Tensor:

@@ -164,7 +164,7 @@ def test_tq_gguf_runs_in_llama_cpp_bitnet_and_matches_pytorch(student_dir, tmp_p
 def test_f32_gguf_is_exactly_the_student_without_activation_quantisation(student_dir, tmp_path, tokenizer, monkeypatch):
     """Tensor names, sub-norms, RoPE layout and scales are right: with activation quantisation switched off in
     PyTorch (llama.cpp's f32 kernels do not quantise activations) the logits agree to float32 rounding."""
-    import distily.bitnet
+    import distily.bitnet.layers
 
     path = tmp_path / "student-f32.gguf"
     export(student_dir, ["gguf"], "f32", path)
@@ -172,7 +172,7 @@ def test_f32_gguf_is_exactly_the_student_without_activation_quantisation(student
     student = load_bitnet_student(student_dir)
     ids = token_ids(tokenizer)
     quantised = torch_logits(student, ids)
-    monkeypatch.setattr(distily.bitnet, "fake_quantize_activations", lambda x, strength=1.0: x)
+    monkeypatch.setattr(distily.bitnet.layers, "fake_quantize_activations", lambda x, strength=1.0: x)
     reference = torch_logits(student, ids)
     logits = llama_cpp_logits(path, ids)
     assert np.abs(logits - reference).max() < F32_NO_ACT_QUANT_MAX_ABS

@@ -351,6 +351,38 @@ def test_chunked_and_plain_paths_agree_with_hidden_states(tmp_path):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunked", ["true", "false"])
+def test_hidden_states_only_training_never_runs_a_head(tmp_path, chunked):
+    """Without logit terms (logits weight 0, training) neither path applies the student's or the teacher's head to
+    the real tokens: the loss is the feature term alone."""
+    teacher, student = make_pair(2)
+    hidden = {
+        "projector": "identity",
+        "norm": "none",
+        "layer_mapper": "indices",
+        "layer_mapper_kwargs": {"pairs": [[1, 3]]},
+    }
+    objective = {"logits": 0, "hidden_states": hidden}
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=make_config(tmp_path, objective=objective, chunked_loss=chunked)
+    )
+    rows = []
+    hooks = [m.lm_head.register_forward_hook(lambda mod, a, out: rows.append(out.shape[1])) for m in (student, teacher)]
+    try:
+        loss = loss_of(trainer)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # The plain path's forward computes the student's logits (unused); the chunked path one position's only.
+    assert rows == ([1] if chunked == "true" else [SEQ])
+    batch = trainer.data_collator([{"input_ids": row} for row in random_blocks(4)["input_ids"]])
+    with torch.no_grad():
+        s = student(batch["input_ids"], output_hidden_states=True).hidden_states[1]  # [i] = layer i (i < last)
+        t = teacher(batch["input_ids"], output_hidden_states=True).hidden_states[3]
+    expected = (s[:, :-1] - t[:, :-1]).pow(2).mean(-1).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_narrow_student_trains_with_linear_projection(tmp_path):
     """A 64-wide student learns from a 128-wide teacher through linear projectors, with the student's optimizer."""
     torch.manual_seed(0)

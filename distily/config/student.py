@@ -43,7 +43,7 @@ class StudentArguments:
     def __post_init__(self):
         self.student_config = parse_json_dict(self.student_config, "student_config", '{"num_hidden_layers": 4}')
         if self.student_config and "bitnet" in self.student_config:
-            from ..bitnet import parse_bitnet_option
+            from ..bitnet.options import parse_bitnet_option
 
             parse_bitnet_option(self.student_config["bitnet"])  # bad BitNet options fail here, before any work
         if self.student_init not in STUDENT_INITS:
