@@ -1,13 +1,12 @@
 """Hub-ready model cards: YAML front matter the Hub reads, then what the student is and how it was made.
 
-Everything on the card comes from the run folder (``distily_run.json``, ``distily_config.yaml``, the eval and
-train metrics, ``trainer_state.json``, and ``distily_eval.json`` when ``distily eval`` was run); nothing is
+Everything on the card comes from the run folder (:class:`distily.run_folder.RunFolder`: its manifest, saved
+config, eval and train metrics, trainer state, and ``distily eval``'s results when it was run); nothing is
 re-evaluated while exporting. The text is rendered from ``templates/model_card.md.j2``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,11 +16,12 @@ from typing import Any
 import yaml
 
 from ..io import atomic_path
+from ..run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LICENSE = "openrail"
-EVAL_FILE = "distily_eval.json"
+EVAL_FILE = RunFolder.EVALUATION  # re-exported
 LOSS_CURVE = "loss_curve.png"
 # Config fields shown as "architecture" in the teacher/student comparison (whichever the model type has).
 SHAPE_FIELDS = (
@@ -59,20 +59,6 @@ HYPERPARAMETERS = (
     "fp16",
     "seed",
 )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
 
 
 def human_bytes(size: float | None) -> str:
@@ -274,7 +260,7 @@ def front_matter(context: dict) -> dict[str, Any]:
 
 
 def card_context(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | RunFolder,
     *,
     student_config: dict,
     student_parameters: int | None,
@@ -290,14 +276,14 @@ def card_context(
     """
     from ..version import __version__
 
-    run_dir = Path(run_dir)
-    manifest = _read_json(run_dir / "distily_run.json")
-    config = _read_yaml(run_dir / "distily_config.yaml")
-    before = _read_json(run_dir / "eval_start_results.json")
-    after = _read_json(run_dir / "eval_results.json")
-    train = _read_json(run_dir / "train_results.json")
-    state = _read_json(run_dir / "trainer_state.json")
-    evaluation = _read_json(run_dir / EVAL_FILE)
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    manifest = run.manifest
+    config = run.saved_config()
+    before = run.results(RunFolder.EVAL_START)
+    after = run.results(RunFolder.EVAL)
+    train = run.results(RunFolder.TRAIN)
+    state = run.trainer_state()
+    evaluation = run.evaluation()
     teacher_name = manifest.get("teacher") or config.get("teacher")
     teacher = teacher_facts(teacher_name, manifest.get("teacher_parameters"))
 
@@ -305,10 +291,10 @@ def card_context(
     command_note = None
     if not manifest and not config:
         command_note = (
-            "This model folder holds no distily run record (distily_run.json), so how it was trained is unknown."
+            f"This model folder holds no distily run record ({RunFolder.MANIFEST}), so how it was trained is unknown."
         )
     elif not command:
-        command = "distily --config distily_config.yaml"
+        command = f"distily --config {RunFolder.CONFIG}"
         command_note = (
             "The run was started from Python, so no command line was recorded; this command reruns it from the "
             "resolved config saved with the run (included in this folder)."
@@ -376,6 +362,7 @@ def card_context(
         "distily_version": manifest.get("distily_version") or __version__,
         "git_commit": manifest.get("git_commit"),
         "loss_curve": loss_curve,
+        "config_file": RunFolder.CONFIG,
     }
 
 
