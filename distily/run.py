@@ -77,6 +77,43 @@ def clear_output_dir(output_dir: Path) -> None:
     RunFolder(output_dir).clear()
 
 
+def teacher_gguf_tokenizer_pre(teacher: str | None, vocab_size: int | None = None) -> str | None:
+    """llama.cpp's pre-tokenizer name written in the teacher's own GGUF file, when the teacher is one (and its
+    vocabulary has ``vocab_size`` tokens); else None. Recorded in the run's manifest, so a GGUF export of the
+    student names the same pre-tokenizer without opening the teacher again."""
+    if not teacher:
+        return None
+    from .export.gguf import gguf_tokenizer_fields
+    from .teacher.loading import resolve_teacher_path
+
+    try:
+        folder, gguf_file = resolve_teacher_path(teacher)
+    except (FileNotFoundError, OSError):
+        return None
+    if not gguf_file:
+        return None
+    fields = gguf_tokenizer_fields(Path(folder) / gguf_file)
+    if vocab_size is not None and fields.get("n_tokens") != vocab_size:
+        return None
+    return fields.get("tokenizer.ggml.pre")
+
+
+def run_gguf_tokenizer_pre(run_dir: str | Path) -> str | None:
+    """The pre-tokenizer name a GGUF export of ``run_dir`` should write: the one the run recorded; for a run
+    recorded before distily kept it, looked up from its teacher now (what ``distily export`` passes in)."""
+    import json
+
+    run = RunFolder(run_dir)
+    manifest = run.manifest
+    if "teacher_gguf_tokenizer_pre" in manifest or not run.teacher:
+        return manifest.get("teacher_gguf_tokenizer_pre")
+    try:
+        vocab_size = json.loads((run.path / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        vocab_size = None
+    return teacher_gguf_tokenizer_pre(run.teacher, vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -176,11 +213,17 @@ def train(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
         )
     teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
+    # Recorded while the teacher is at hand, so a GGUF export of the student names the same pre-tokenizer.
+    gguf_tokenizer_pre = teacher_gguf_tokenizer_pre(teacher_name, student.config.vocab_size)
     if export_args.formats:
         from .export import check_exportable
 
         check_exportable(
-            student, tokenizer, export_args.formats, teacher=teacher_name, outtype=export_args.export_outtype
+            student,
+            tokenizer,
+            export_args.formats,
+            gguf_tokenizer_pre=gguf_tokenizer_pre,
+            outtype=export_args.export_outtype,
         )
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
@@ -222,6 +265,7 @@ def train(
         teacher=teacher_name,
         teacher_parameters=count_parameters(teacher) if teacher is not None else None,
         teacher_cache=config.teacher_cache,
+        teacher_gguf_tokenizer_pre=gguf_tokenizer_pre,
         student=student_args.student,
         student_parameters=count_parameters(student),
         student_trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),

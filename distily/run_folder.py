@@ -3,7 +3,8 @@
 A run folder holds, beside the student's weights and tokenizer (``save_pretrained``'s files):
 
 * ``distily_run.json`` -- the manifest: status (running, finished, interrupted; a sweep adds failed and pruned),
-  the command, the versions that produced it (:func:`distily.io.provenance`), the hardware, the teacher;
+  the command, the versions that produced it (:func:`distily.io.provenance`), the hardware, the teacher and, when
+  the teacher is a GGUF file, its llama.cpp pre-tokenizer name (what a GGUF export of the student writes);
 * ``distily_config.yaml`` -- the resolved config; :meth:`RunFolder.configs` reloads it to equal objects;
 * Trainer's files: ``eval_start_results.json`` / ``eval_results.json`` / ``train_results.json``,
   ``trainer_state.json``, ``checkpoint-N/`` folders;
@@ -149,6 +150,12 @@ class RunFolder:
     def teacher(self) -> str | None:
         """The teacher the run distilled (a name, path or Hub id), from the manifest."""
         return self.manifest.get("teacher")
+
+    @property
+    def teacher_gguf_tokenizer_pre(self) -> str | None:
+        """llama.cpp's pre-tokenizer name of the run's tokenizer, recorded at training time from the teacher's
+        own GGUF file (None when the teacher was no GGUF file, or the run predates the record)."""
+        return self.manifest.get("teacher_gguf_tokenizer_pre")
 
     @staticmethod
     def start_manifest(**facts: Any) -> dict[str, Any]:

@@ -433,6 +433,67 @@ def test_card_for_a_python_run_reconstructs_the_command(exported_run, tmp_path):
     assert "distily --config distily_config.yaml" in card and "started from Python" in card
 
 
+def test_gguf_export_writes_the_pre_tokenizer_the_run_recorded(exported_run, tmp_path, monkeypatch):
+    """The run records its GGUF teacher's pre-tokenizer name; the export reads it from the run folder and never
+    looks the teacher up (here it could not: resolving any teacher fails)."""
+    import shutil
+
+    import gguf
+
+    import distily.teacher.loading
+
+    assert json.loads((exported_run / "distily_run.json").read_text())["teacher_gguf_tokenizer_pre"] is None
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
+    manifest = json.loads((run / "distily_run.json").read_text())
+    manifest["teacher_gguf_tokenizer_pre"] = "qwen2"
+    (run / "distily_run.json").write_text(json.dumps(manifest))
+
+    def no_teacher(name):
+        raise AssertionError(f"the export looked up the teacher {name!r}")
+
+    monkeypatch.setattr(distily.teacher.loading, "resolve_teacher_path", no_teacher)
+    result = export(run, ["gguf"], output=tmp_path / "recorded", model_card=False)
+    (path,) = result.files["gguf"]
+    assert result.gguf_tokenizer_pre == "qwen2"
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert json.loads((tmp_path / "recorded" / EXPORT_MANIFEST).read_text())["gguf_tokenizer_pre"] == "qwen2"
+    given = export(run, ["gguf"], output=tmp_path / "given.gguf", gguf_tokenizer_pre="llama-bpe")
+    assert given.gguf_tokenizer_pre == "llama-bpe"  # --gguf_tokenizer_pre wins over the record
+
+
+def test_a_run_recorded_before_the_pre_tokenizer_was_kept_exports_its_teachers(exported_run, tmp_path, tokenizer):
+    """An older run folder has no ``teacher_gguf_tokenizer_pre``: `distily export` looks its GGUF teacher up."""
+    import shutil
+
+    import gguf
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
+    teacher = tmp_path / "teacher.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(run), tokenizer, teacher, "f32", tokenizer_pre="qwen2")
+    manifest = json.loads((run / "distily_run.json").read_text())
+    del manifest["teacher_gguf_tokenizer_pre"]
+    manifest["teacher"] = str(teacher)
+    (run / "distily_run.json").write_text(json.dumps(manifest))
+    assert main(["export", str(run), "--format", "gguf", "--output", str(tmp_path / "old.gguf")]) == 0
+    assert gguf.GGUFReader(tmp_path / "old.gguf").fields["tokenizer.ggml.pre"].contents() == "qwen2"
+
+
+def test_the_pre_tokenizer_a_run_records_is_read_from_its_gguf_teacher(student_dir, tmp_path, tokenizer):
+    from distily.run import teacher_gguf_tokenizer_pre
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = tmp_path / "teacher.gguf"
+    write_gguf(model, tokenizer, teacher, "f32", tokenizer_pre="qwen2")
+    vocab = model.config.vocab_size
+    assert teacher_gguf_tokenizer_pre(str(teacher), vocab) == "qwen2"
+    assert teacher_gguf_tokenizer_pre(str(teacher), vocab + 1) is None  # another vocabulary: not the student's
+    assert teacher_gguf_tokenizer_pre(str(student_dir), vocab) is None  # not a GGUF teacher
+    assert teacher_gguf_tokenizer_pre(str(tmp_path / "missing.gguf"), vocab) is None
+    assert teacher_gguf_tokenizer_pre(None) is None
+
+
 def test_push_to_hub_commits_the_export_folder_privately(exported_run):
     from distily.export.hub import push_to_hub
 

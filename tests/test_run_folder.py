@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from pathlib import Path
@@ -253,3 +254,17 @@ def test_exporting_an_unfinished_run_is_refused_with_the_fix(tmp_path, tiny_toke
         assert not run.export_dir.exists()
     run.write_manifest({"status": FINISHED})
     assert export(run.path, ["safetensors"]).output == run.export_dir
+
+
+def test_export_and_gguf_writer_do_not_reach_into_the_teacher_or_the_student_builder():
+    """The GGUF pre-tokenizer comes from the run record; the export never loads the teacher to find it."""
+    import distily.export.gguf as gguf_module
+
+    tree = ast.parse(Path(gguf_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(f"{'.' * node.level}{node.module or ''}")
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not {name for name in imported if "teacher" in name or "students" in name}, imported

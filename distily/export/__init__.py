@@ -72,7 +72,6 @@ def check_exportable(
     model,
     tokenizer,
     formats,
-    teacher: str | None = None,
     gguf_tokenizer_pre: str | None = None,
     outtype: str | None = None,
 ):
@@ -88,11 +87,7 @@ def check_exportable(
     check_outtype_fits(architecture, outtype or DEFAULT_OUTTYPES["gguf"])
     # A throw-away writer: resolves the tokenizer's GGUF metadata (model type, pre-tokenizer) without a file.
     add_tokenizer(
-        gguf_package.GGUFWriter(path=None, arch="llama"),
-        tokenizer,
-        model.config.vocab_size,
-        pre=gguf_tokenizer_pre,
-        teacher=teacher,
+        gguf_package.GGUFWriter(path=None, arch="llama"), tokenizer, model.config.vocab_size, pre=gguf_tokenizer_pre
     )
 
 
@@ -164,8 +159,10 @@ def export(
     _check_destination(source, output, overwrite)
     name = name or source.resolve().name
     teacher = run.teacher
+    # The name the run recorded from its GGUF teacher, unless one is given (a plain model folder has none).
+    gguf_tokenizer_pre = gguf_tokenizer_pre or run.teacher_gguf_tokenizer_pre
     model, tokenizer = run.load_student()
-    check_exportable(model, tokenizer, formats, teacher, gguf_tokenizer_pre, outtypes.get("gguf"))  # before writing
+    check_exportable(model, tokenizer, formats, gguf_tokenizer_pre, outtypes.get("gguf"))  # before writing
 
     result = ExportResult(output=output, outtypes=outtypes)
     fp16_student_bytes = _fp16_bytes(model)  # before any export casts the model in place
@@ -173,9 +170,7 @@ def export(
         from .gguf import write_gguf
 
         with atomic_path(output) as tmp:
-            report = write_gguf(
-                model, tokenizer, tmp, outtypes["gguf"], name=name, tokenizer_pre=gguf_tokenizer_pre, teacher=teacher
-            )
+            report = write_gguf(model, tokenizer, tmp, outtypes["gguf"], name=name, tokenizer_pre=gguf_tokenizer_pre)
             result.gguf_sizes = gguf_sizes(report, fp16_student_bytes)  # while the file is still at tmp
         result.files["gguf"] = [output]
         result.gguf_tokenizer_pre = report.tokenizer_pre
@@ -199,7 +194,6 @@ def export(
                 outtypes["gguf"],
                 name=name,
                 tokenizer_pre=gguf_tokenizer_pre,
-                teacher=teacher,
                 metadata={"license": license or DEFAULT_LICENSE},
             )
             files["gguf"] = [gguf_path]
