@@ -494,20 +494,37 @@ def test_the_pre_tokenizer_a_run_records_is_read_from_its_gguf_teacher(student_d
     assert teacher_gguf_tokenizer_pre(None) is None
 
 
-def test_push_to_hub_commits_the_export_folder_privately(exported_run):
+def test_push_to_hub_commits_the_export_folder_privately(exported_run, monkeypatch):
+    import huggingface_hub.hf_api
+    from huggingface_hub import HfApi
+
     from distily.export.hub import push_to_hub
 
     calls = {}
 
-    class RecordingApi:  # stands in for huggingface_hub.HfApi: no network
+    class RecordingApi(HfApi):
+        """The real HfApi (its upload_folder picks the files and builds the commit) with the network calls
+        replaced: creating the repo, the Hub's README check and the commit itself are recorded instead."""
+
         def create_repo(self, repo_id, **kwargs):
             calls["repo"] = (repo_id, kwargs)
+
+        def _validate_yaml(self, content, **kwargs):
+            calls["validated"] = content
 
         def create_commit(self, repo_id, operations, **kwargs):
             calls["commit"] = (repo_id, operations, kwargs)
             return type("Info", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
 
-    url = push_to_hub(exported_run / "export", "me/tiny-student", api=RecordingApi())
+    # upload_folder's one-commit path (its Xet path streams files to the Hub itself).
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    hidden = exported_run / "export" / ".notes"
+    hidden.write_text("a hidden file stays on the machine")
+    try:
+        url = push_to_hub(exported_run / "export", "me/tiny-student", api=RecordingApi(endpoint="https://hub.invalid"))
+    finally:
+        hidden.unlink()
+    assert calls["validated"].startswith("---\n")
     assert url == "https://hub.example/me/tiny-student/commit/1"
     assert calls["repo"] == ("me/tiny-student", {"private": True, "exist_ok": True, "repo_type": "model"})
     repo_id, operations, kwargs = calls["commit"]
