@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
 from distily.cli import main
@@ -431,6 +432,47 @@ def test_card_for_a_python_run_reconstructs_the_command(exported_run, tmp_path):
     export(run, ["safetensors"], output=tmp_path / "exp")
     card = (tmp_path / "exp" / "README.md").read_text()
     assert "distily --config distily_config.yaml" in card and "started from Python" in card
+
+
+def test_card_reads_back_with_huggingface_hub_and_its_eval_results(exported_run, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported_run / "export" / "README.md")
+    after = json.loads((exported_run / "eval_results.json").read_text())
+    config = yaml.safe_load((exported_run / "export" / "distily_config.yaml").read_text())
+    assert card.data.license == "openrail" and card.data.library_name == "transformers"
+    assert card.data.model_name == "out" and card.data.pipeline_tag == "text-generation"
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.task_name) == ("text-generation", "Text Generation")
+    assert (result.dataset_type, result.dataset_name) == (
+        config["dataset"],
+        f"{config['dataset']} (held-out eval split)",
+    )
+    assert (result.metric_type, result.metric_name) == ("perplexity", "Perplexity")
+    assert result.metric_value == round(after["eval_student_ppl"], 4)
+
+    # With `distily eval` scores: one EvalResult per (task, metric); two metrics of one task share its entry.
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
+    evaluation = {
+        "student": {"tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.3}, "piqa": {"acc": 0.6}}},
+        "teacher": {"tasks": {"hellaswag": {"acc": 0.4, "acc_norm": 0.5}, "piqa": {"acc": 0.7}}},
+    }
+    (run / "distily_eval.json").write_text(json.dumps(evaluation))
+    export(run, ["safetensors"], output=tmp_path / "exp")
+    card = ModelCard.load(tmp_path / "exp" / "README.md")
+    scores = [(r.dataset_type, r.metric_type, r.metric_value, r.source_url) for r in card.data.eval_results]
+    harness = "https://github.com/EleutherAI/lm-evaluation-harness"
+    assert scores == [
+        (config["dataset"], "perplexity", round(after["eval_student_ppl"], 4), None),
+        ("hellaswag", "acc", 0.25, harness),
+        ("hellaswag", "acc_norm", 0.3, harness),
+        ("piqa", "acc", 0.6, harness),
+    ]
+    results = parse_front_matter((tmp_path / "exp" / "README.md").read_text())["model-index"][0]["results"]
+    assert [[m["type"] for m in r["metrics"]] for r in results] == [["perplexity"], ["acc", "acc_norm"], ["acc"]]
 
 
 def test_gguf_export_writes_the_pre_tokenizer_the_run_recorded(exported_run, tmp_path, monkeypatch):

@@ -258,7 +258,7 @@ def gguf_sizes(report, fp16_student_bytes: int) -> dict:
 
 
 def _write_card(run, folder, files, student_config, student_parameters, name, license, gguf_info=None) -> Path:
-    from .model_card import DEFAULT_LICENSE, LOSS_CURVE, card_context, plot_loss_curve, render_model_card
+    from .model_card import DEFAULT_LICENSE, LOSS_CURVE, card_context, model_card, plot_loss_curve
 
     log_history = run.trainer_state().get("log_history", [])
     curve = LOSS_CURVE if plot_loss_curve(log_history, folder / LOSS_CURVE) else None
@@ -273,5 +273,5 @@ def _write_card(run, folder, files, student_config, student_parameters, name, li
         gguf_sizes=gguf_info,
     )
     card = folder / "README.md"
-    card.write_text(render_model_card(context), encoding="utf-8")
+    model_card(context).save(card)
     return card
