@@ -36,7 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from distily.bitnet import fp16_bytes, load_bitnet_student, save_packed  # noqa: E402
 from distily.config import configs_from_dict, train_kwargs  # noqa: E402
+from distily.export import EXPORT_MANIFEST  # noqa: E402
 from distily.run import train  # noqa: E402
+from distily.run_folder import RunFolder  # noqa: E402
 
 
 def variants(args) -> dict[str, dict]:
@@ -143,7 +145,7 @@ def sizes(name: str, args) -> dict[str, int]:
             "safetensors_fp16": (folder / "fp16" / "model.safetensors").stat().st_size,
             "fp16": fp16_bytes(model),
         }
-    report = json.loads((folder / "packed" / "distily_export.json").read_text())
+    report = json.loads((RunFolder(folder).packed_dir / EXPORT_MANIFEST).read_text())
     bf16 = save_packed(load_bitnet_student(folder), folder / "packed-bf16", dtype=torch.bfloat16, overwrite=True)
     return {
         "packed_fp32": report["bytes_on_disk"],

@@ -56,10 +56,13 @@ def main() -> int:
         print(log.read_text()[-3000:], file=sys.stderr)
         print(f"make demo failed with exit code {result.returncode}; log: {log}", file=sys.stderr)
         return 1
-    run = clone / "runs" / "demo"
-    manifest = json.loads((run / "distily_run.json").read_text())
-    before = json.loads((run / "eval_start_results.json").read_text())["eval_student_ppl"]
-    after = json.loads((run / "eval_results.json").read_text())["eval_student_ppl"]
+    sys.path.insert(0, str(clone))
+    from distily.run_folder import RunFolder
+
+    run = RunFolder(clone / "runs" / "demo")
+    manifest = run.manifest
+    before = run.results("eval_start")["eval_student_ppl"]
+    after = run.results("eval")["eval_student_ppl"]
     phases = manifest["phase_seconds"]
     report = {
         "commit": commit.stdout.strip(),

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 
 def nll_sum(logits: np.ndarray, ids: list[int]) -> float:
@@ -35,6 +34,7 @@ def main() -> None:
     from distily.data import prepare_datasets
     from distily.export import load_student
     from distily.export.gguf import write_gguf
+    from distily.run_folder import RunFolder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, nargs="?", help="a finished distily run (its student and eval split)")
@@ -49,7 +49,7 @@ def main() -> None:
         run = {"dataset": "python-stdlib", "seq_len": 256, "max_eval_blocks": 32, "teacher": args.teacher}
         model, tokenizer = load_teacher(args.teacher)
     else:
-        run = yaml.safe_load((args.run_dir / "distily_config.yaml").read_text())
+        run = RunFolder(args.run_dir).saved_config()
         model, tokenizer = load_student(args.run_dir)
     data = prepare_datasets(
         DataArguments(

@@ -187,26 +187,16 @@ def _positional(argv: list[str], what: str, usage: str) -> tuple[str, list[str]]
 def export_command(argv: list[str]) -> int:
     """``distily export RUN_DIR --format safetensors,gguf --outtype q8_0 --output PATH``."""
     from .config import ExportConfig
-    from .export import export
+    from .export import export_request
+    from .run import run_gguf_tokenizer_pre
 
     usage = "distily export RUN_DIR --format safetensors|gguf --outtype f32|f16|bf16|q8_0|tq2_0|tq1_0 --output PATH"
     source, rest = _positional(argv, "RUN_DIR (the run folder to export)", usage)
     (config,) = parse_with_yaml(rest, classes=(ExportConfig,), prog="distily export RUN_DIR")
-    result = export(
-        source,
-        config.formats,
-        config.outtype,
-        config.output,
-        overwrite=config.overwrite,
-        name=config.name,
-        license=config.license,
-        gguf_tokenizer_pre=config.gguf_tokenizer_pre,
-        model_card=config.model_card,
-        push_to_hub=config.push_to_hub,
-        hub_model_id=config.hub_model_id,
-        hub_private=config.hub_private,
-        hub_token=config.hub_token,
-    )
+    gguf_tokenizer_pre = config.gguf_tokenizer_pre
+    if gguf_tokenizer_pre is None and "gguf" in config.formats:
+        gguf_tokenizer_pre = run_gguf_tokenizer_pre(source)  # the run's teacher's, also for older runs
+    result = export_request(source, config, gguf_tokenizer_pre)
     for fmt, files in result.files.items():
         print(f"{fmt} ({result.outtypes[fmt]}): {', '.join(str(path) for path in files)}", flush=True)
     if result.card:

@@ -13,6 +13,7 @@ folder); ``distily export`` puts its numbers on the model card and in ``model-in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,12 +23,13 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, DataArguments, EvalConfig
+from .config import ConfigError, DataArguments, EvalConfig, TeacherArguments
 from .io import provenance, write_json_atomic
+from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILE = "distily_eval.json"
+EVAL_FILE = RunFolder.EVALUATION  # re-exported
 PERPLEXITY = "perplexity"
 
 
@@ -139,13 +141,25 @@ def run_lm_eval(arguments: dict[str, Any]) -> dict[str, dict[str, float]]:
 # One model (and its teacher) end to end
 
 
-def _run_config(model_dir: Path) -> dict:
-    import yaml
-
-    path = model_dir / "distily_config.yaml"
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
+def eval_data_arguments(run: RunFolder, config: EvalConfig) -> DataArguments:
+    """The data to evaluate on: the run's own ``DataArguments`` (from its saved config), so perplexity uses the
+    split, blocks and sample the run evaluated; ``config``'s data fields override them. Another ``--dataset``
+    keeps only the run's text column, eval sample size and cache folder (its split names and hold-out fraction
+    belong to its own dataset). A folder with no saved config starts from the defaults."""
+    data = run.configs((DataArguments,))[0] if run.config_path.is_file() else DataArguments()
+    if config.dataset:
+        data = DataArguments(
+            dataset=config.dataset,
+            dataset_text_field=data.dataset_text_field,
+            max_eval_blocks=data.max_eval_blocks,
+            dataset_cache_dir=data.dataset_cache_dir,
+        )
+    overrides = {
+        "dataset_text_field": config.dataset_text_field,
+        "max_eval_blocks": config.max_eval_blocks,
+        "dataset_cache_dir": config.dataset_cache_dir,
+    }
+    return dataclasses.replace(data, **{name: value for name, value in overrides.items() if value is not None})
 
 
 def _evaluate_one(model, tokenizer, config: EvalConfig, data_args: DataArguments, seq_len: int, device, lm_eval_target):
@@ -170,25 +184,18 @@ def _evaluate_one(model, tokenizer, config: EvalConfig, data_args: DataArguments
 
 def evaluate_model(model_dir: str | os.PathLike, config: EvalConfig) -> dict[str, Any]:
     """Evaluate the model in ``model_dir`` (and the run's teacher); write and return ``distily_eval.json``."""
-    from .export import load_student
     from .teacher.loading import load_teacher, resolve_teacher_path
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{str(model_dir)!r} is not a folder. Pass a run folder or a model folder to distily eval.")
-    run = _run_config(model_dir)
-    seq_len = config.seq_len or run.get("seq_len") or 512
-    data_args = DataArguments(
-        dataset=config.dataset or run.get("dataset") or "python-stdlib",
-        dataset_text_field=config.dataset_text_field or run.get("dataset_text_field") or "text",
-        dataset_config_name=run.get("dataset_config_name") if not config.dataset else None,
-        dataset_eval_split=run.get("dataset_eval_split") if not config.dataset else None,
-        eval_fraction=run.get("eval_fraction", 0.05) if not config.dataset else 0.05,
-        max_eval_blocks=config.max_eval_blocks or run.get("max_eval_blocks") or 64,
-        dataset_cache_dir=config.dataset_cache_dir or run.get("dataset_cache_dir"),
-    )
+    run = RunFolder(model_dir)
+    # seq_len is a training argument, read alone: rebuilding the run's TrainingArguments could fail on this
+    # machine (bf16 on a CPU-only one), and evaluating needs none of them.
+    seq_len = config.seq_len or run.saved_config().get("seq_len") or 512
+    data_args = eval_data_arguments(run, config)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_student(model_dir)
+    model, tokenizer = run.load_student()
     output: dict[str, Any] = {
         **provenance(),
         "model": str(model_dir.resolve()),
@@ -199,14 +206,14 @@ def evaluate_model(model_dir: str | os.PathLike, config: EvalConfig) -> dict[str
     }
     output["student"] = _evaluate_one(model, tokenizer, config, data_args, seq_len, device, (str(model_dir), None))
     del model
-    teacher_name = run.get("teacher")
+    teacher_name = run.configs((TeacherArguments,))[0].teacher if run.config_path.is_file() else None
     if config.include_teacher and teacher_name:
         teacher, teacher_tokenizer = load_teacher(teacher_name, device=device)
         output["teacher_name"] = teacher_name
         output["teacher"] = _evaluate_one(
             teacher, teacher_tokenizer, config, data_args, seq_len, device, resolve_teacher_path(teacher_name)
         )
-    destination = Path(config.output) if config.output else model_dir / EVAL_FILE
+    destination = Path(config.output) if config.output else run.evaluation_path
     if destination.exists():
         logger.warning("Replacing the previous evaluation in %s.", destination)
     write_json_atomic(destination, output)

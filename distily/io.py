@@ -15,26 +15,57 @@ from typing import Any
 import yaml
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk."""
+    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:  # e.g. folders cannot be opened on Windows; nothing to flush there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or every file and folder under a folder, to disk (before it is renamed into place)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        for child in sorted(path.rglob("*")):
+            if not child.is_symlink():
+                _fsync(child)
+    if path.exists():
+        _fsync(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path`` in one step.
 
     On any error the temporary file or folder is removed, so a half-written output never appears under the
     final name. Works for files and folders (a folder replaces an existing one only after it is complete).
+    Durable: the file (or every file of the folder) is flushed to disk before the rename, and the parent folder
+    after it, so a crash right after never leaves the new name pointing at unwritten data.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.is_dir() and not path.is_symlink() and tmp.is_dir():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
             tmp.rename(path)
+            _fsync(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+            _fsync(path.parent)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 

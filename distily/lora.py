@@ -8,6 +8,7 @@ while it learns the teacher's distributions, or when the optimizer states of a f
 * :func:`merge_peft` returns a plain ``transformers`` model with the adapters folded into the weights
   (``W + (alpha / r) · B A``; DoRA also rescales by its learned magnitude) -- what export and
   ``AutoModelForCausalLM.from_pretrained`` want;
+* :func:`merge_adapter` does the same for adapters saved on disk;
 * :func:`save_student` writes the end of a run: the merged model in the run folder, the adapters alone in
   ``adapter/``.
 
@@ -25,10 +26,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import ConfigError, PeftArguments
+from .modeling import merge_adapter
+from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = RunFolder.ADAPTER_DIR  # re-exported
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -83,16 +86,8 @@ def merge_peft(model: nn.Module) -> nn.Module:
 
 
 def merge_saved_adapter(base: str | Path, adapter: str | Path) -> PreTrainedModel:
-    """Load the base student from ``base`` and the adapters saved in ``adapter``, and merge them.
-
-    Used when the trained weights are sharded across processes (FSDP, ZeRO-3) and only the saved adapter is
-    whole: the base weights never changed, so the pretrained student on disk is the base.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    """Alias of :func:`merge_adapter` with the base first (its earlier signature)."""
+    return merge_adapter(adapter, base)
 
 
 def save_student(trainer, output_dir: str | Path, base: str | None = None) -> None:
@@ -109,7 +104,7 @@ def save_student(trainer, output_dir: str | Path, base: str | None = None) -> No
     if not is_peft_model(model):
         trainer.save_model(str(output_dir))
         return
-    adapter_dir = output_dir / ADAPTER_DIR
+    adapter_dir = RunFolder(output_dir).adapter_dir
     trainer.save_model(str(adapter_dir))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
@@ -119,7 +114,7 @@ def save_student(trainer, output_dir: str | Path, base: str | None = None) -> No
     if weights_are_sharded(trainer.accelerator):
         if base is None:
             raise ConfigError("A LoRA student trained with sharded weights is merged from --student; none was given.")
-        merged = merge_saved_adapter(base, adapter_dir)
+        merged = merge_adapter(adapter_dir, base)
     else:
         merged = merge_peft(model)
     merged.save_pretrained(str(output_dir))

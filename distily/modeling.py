@@ -2,7 +2,8 @@
 
 Where its decoder layers are (one rule for student building, hidden-state objectives, BitNet conversion and
 distributed wrapping), how many layers a config has, how many parameters a model has, whether its weights
-stay quantised in memory, and how many bytes it takes (on disk, or in float16).
+stay quantised in memory, how many bytes it takes (on disk, or in float16), and how a saved PEFT adapter merges
+into its base model.
 """
 
 from __future__ import annotations
@@ -95,3 +96,21 @@ def fp16_bytes(model: nn.Module) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * 2
     return total
+
+
+def merge_adapter(adapter: str | Path, base: str | Path | None = None, dtype="auto"):
+    """Load a base student and the PEFT adapters saved in ``adapter``, and merge them into a plain model.
+
+    ``base`` defaults to the base model the adapter records (``base_model_name_or_path`` in its
+    ``adapter_config.json``). The one function for merging saved adapters: a run's end when the trained weights
+    are sharded across processes (FSDP, ZeRO-3: only the saved adapter is whole, and the base weights never
+    changed, so the pretrained student on disk is the base), and loading a folder that holds only an adapter
+    (:meth:`distily.run_folder.RunFolder.load_student`, in float32).
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if base is None:
+        base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,17 +25,17 @@ from .config import (
     PeftArguments,
     StudentArguments,
     TeacherArguments,
-    config_to_dict,
 )
-from .io import hardware, provenance, write_json_atomic, write_yaml_atomic
+from .run_folder import FINISHED, INTERRUPTED, RunFolder
 from .timing import PhaseTimes
 
 logger = logging.getLogger(__name__)
 
-RUN_MANIFEST = "distily_run.json"
-RUN_CONFIG = "distily_config.yaml"
-CHECKPOINT_PREFIX = "checkpoint-"
-BITNET_PACKED_DIR = "packed"  # a BitNet run's ternary-packed export, inside its output folder
+# The run folder's names, owned by RunFolder (re-exported for earlier imports).
+RUN_MANIFEST = RunFolder.MANIFEST
+RUN_CONFIG = RunFolder.CONFIG
+CHECKPOINT_PREFIX = RunFolder.CHECKPOINT_PREFIX
+BITNET_PACKED_DIR = RunFolder.PACKED_DIR  # a BitNet run's ternary-packed export, inside its output folder
 
 
 @dataclass
@@ -52,99 +51,67 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Output folder and checkpoints
+# Output folder and checkpoints: thin wrappers over RunFolder, kept for earlier imports
 
-
-def _read_manifest(output_dir: Path) -> dict | None:
-    import json
-
-    path = output_dir / RUN_MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"status": "unreadable"}
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint can be resumed from only if its trainer state and model weights were fully written."""
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    return (path / "trainer_state.json").is_file() and has_weights
+is_complete_checkpoint = RunFolder.is_complete_checkpoint
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run, oldest first."""
-    found = [
-        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    """A run's checkpoint folders, oldest first."""
+    return RunFolder(output_dir).checkpoints()
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
-    """Turn ``--resume_from_checkpoint`` (a path, or ``true`` for the latest) into a complete checkpoint path.
-
-    A checkpoint missing ``trainer_state.json`` or weights (a save killed midway) is skipped when picking the
-    latest, and refused with a clear message when named explicitly.
-    """
-    if resume is None or str(resume).lower() in ("", "false", "no", "none"):
-        return None
-    if str(resume).lower() in ("true", "yes", "latest", "last"):
-        complete = [p for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
-        if not complete:
-            raise ConfigError(
-                f"--resume_from_checkpoint true: no complete checkpoint in {str(output_dir)!r}. Start a new run "
-                "without --resume_from_checkpoint, or point it at a checkpoint folder."
-            )
-        skipped = [p.name for p in checkpoints(output_dir) if not is_complete_checkpoint(p)]
-        if skipped:
-            logger.warning("Skipping incomplete checkpoints %s.", skipped)
-        return str(complete[-1])
-    path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"--resume_from_checkpoint {resume!r} does not exist. Pass a checkpoint folder or 'true'.")
-    if not is_complete_checkpoint(path):
-        valid = [p.name for p in checkpoints(path.parent) if is_complete_checkpoint(p)]
-        raise ConfigError(
-            f"Checkpoint {resume!r} is incomplete (needs trainer_state.json and model weights; the save was "
-            f"probably interrupted). Complete checkpoints beside it: {valid or 'none'}."
-        )
-    return str(path)
+    """``--resume_from_checkpoint`` as a complete checkpoint path (:meth:`RunFolder.resume_checkpoint`)."""
+    path = RunFolder(output_dir).resume_checkpoint(resume)
+    return str(path) if path is not None else None
 
 
 def check_output_dir(config: DistillationConfig, resuming: bool) -> None:
     """Refuse to write over a finished run (or a folder that is not a distily run) unless asked to."""
-    output_dir = Path(config.output_dir)
-    if not output_dir.exists() or not any(output_dir.iterdir()):
-        return
-    manifest = _read_manifest(output_dir)
-    if resuming:
-        if manifest is None:
-            raise ConfigError(f"{str(output_dir)!r} is not a distily run folder; cannot resume there.")
-        return
-    if manifest is None:
-        raise ConfigError(
-            f"Output folder {str(output_dir)!r} is not empty and holds no distily run. Choose another --output_dir "
-            "(distily only replaces folders it wrote)."
-        )
-    if config.overwrite_output_dir:
-        logger.warning("Replacing the previous run in %s (--overwrite_output_dir).", output_dir)
-        return
-    if manifest.get("status") == "finished":
-        raise ConfigError(
-            f"Output folder {str(output_dir)!r} holds a finished run (finished {manifest.get('finished_at', '?')}). "
-            "Pass --overwrite_output_dir to replace it, or choose another --output_dir."
-        )
-    raise ConfigError(
-        f"Output folder {str(output_dir)!r} holds an unfinished run. Continue it with --resume_from_checkpoint "
-        "true, replace it with --overwrite_output_dir, or choose another --output_dir."
-    )
+    RunFolder(config.output_dir).check_writable(resuming, overwrite=config.overwrite_output_dir)
 
 
 def clear_output_dir(output_dir: Path) -> None:
     """Remove a previous distily run (only called after check_output_dir approved the overwrite)."""
-    if output_dir.exists() and _read_manifest(output_dir) is not None:
-        shutil.rmtree(output_dir)
+    RunFolder(output_dir).clear()
+
+
+def teacher_gguf_tokenizer_pre(teacher: str | None, vocab_size: int | None = None) -> str | None:
+    """llama.cpp's pre-tokenizer name written in the teacher's own GGUF file, when the teacher is one (and its
+    vocabulary has ``vocab_size`` tokens); else None. Recorded in the run's manifest, so a GGUF export of the
+    student names the same pre-tokenizer without opening the teacher again."""
+    if not teacher:
+        return None
+    from .export.gguf import gguf_tokenizer_fields
+    from .teacher.loading import resolve_teacher_path
+
+    try:
+        folder, gguf_file = resolve_teacher_path(teacher)
+    except (FileNotFoundError, OSError):
+        return None
+    if not gguf_file:
+        return None
+    fields = gguf_tokenizer_fields(Path(folder) / gguf_file)
+    if vocab_size is not None and fields.get("n_tokens") != vocab_size:
+        return None
+    return fields.get("tokenizer.ggml.pre")
+
+
+def run_gguf_tokenizer_pre(run_dir: str | Path) -> str | None:
+    """The pre-tokenizer name a GGUF export of ``run_dir`` should write: the one the run recorded; for a run
+    recorded before distily kept it, looked up from its teacher now (what ``distily export`` passes in)."""
+    import json
+
+    run = RunFolder(run_dir)
+    manifest = run.manifest
+    if "teacher_gguf_tokenizer_pre" in manifest or not run.teacher:
+        return manifest.get("teacher_gguf_tokenizer_pre")
+    try:
+        vocab_size = json.loads((run.path / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        vocab_size = None
+    return teacher_gguf_tokenizer_pre(run.teacher, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,19 +166,19 @@ def train(
     """
     from transformers import set_seed
 
-    from .bitnet import is_bitnet_student, save_packed
     from .data import prepare_datasets
-    from .distributed import FirstEvaluation, evaluates_inside_training, weights_are_sharded
-    from .lora import apply_lora, save_student
-    from .students import build_student, count_parameters, load_student
+    from .distributed import weights_are_sharded
+    from .lora import apply_lora
+    from .students import build_student, count_parameters, load_pretrained_student
     from .trainer import DistillationTrainer, check_compatible
 
     peft_args = peft_args if peft_args is not None else PeftArguments()
     export_args = export_args if export_args is not None else ExportArguments()
 
     output_dir = Path(config.output_dir)
-    resume = resolve_resume(output_dir, config.resume_from_checkpoint)
-    check_output_dir(config, resuming=resume is not None)
+    run = RunFolder(output_dir)
+    resume = run.resume_checkpoint(config.resume_from_checkpoint)
+    run.check_writable(resuming=resume is not None, overwrite=config.overwrite_output_dir)
     if not teacher_args.teacher and not config.teacher_cache:
         raise ConfigError(
             "--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct (or "
@@ -235,7 +202,9 @@ def train(
             set_seed(config.seed)
             # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
             if student_args.student:
-                student = load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code)
+                student = load_pretrained_student(
+                    student_args.student, trust_remote_code=teacher_args.trust_remote_code
+                )
             else:
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     check_compatible(student, teacher, config)
@@ -243,12 +212,18 @@ def train(
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
         )
+    teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
+    # Recorded while the teacher is at hand, so a GGUF export of the student names the same pre-tokenizer.
+    gguf_tokenizer_pre = teacher_gguf_tokenizer_pre(teacher_name, student.config.vocab_size)
     if export_args.formats:
         from .export import check_exportable
 
-        teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
         check_exportable(
-            student, tokenizer, export_args.formats, teacher=teacher_name, outtype=export_args.export_outtype
+            student,
+            tokenizer,
+            export_args.formats,
+            gguf_tokenizer_pre=gguf_tokenizer_pre,
+            outtype=export_args.export_outtype,
         )
     if peft_args.enabled:
         student = apply_lora(student, peft_args)
@@ -281,34 +256,67 @@ def train(
     trainer.accelerator.wait_for_everyone()
     is_main = trainer.is_world_process_zero()
     if is_main and resume is None and config.overwrite_output_dir:
-        clear_output_dir(output_dir)
+        run.clear()
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        **provenance(),
-        "hardware": hardware(),
-        "status": "running",
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": shlex.join(command) if command else None,
-        "teacher": teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None),
-        "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
-        "teacher_cache": config.teacher_cache,
-        "student": student_args.student,
-        "student_parameters": count_parameters(student),
-        "student_trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
-        "processes": trainer.accelerator.num_processes,
-        "train_blocks": len(data.train),
-        "eval_blocks": len(data.eval),
-    }
+    manifest = RunFolder.start_manifest(
+        command=shlex.join(command) if command else None,
+        resumed_from=str(resume) if resume is not None else None,
+        teacher=teacher_name,
+        teacher_parameters=count_parameters(teacher) if teacher is not None else None,
+        teacher_cache=config.teacher_cache,
+        teacher_gguf_tokenizer_pre=gguf_tokenizer_pre,
+        student=student_args.student,
+        student_parameters=count_parameters(student),
+        student_trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
+        processes=trainer.accelerator.num_processes,
+        train_blocks=len(data.train),
+        eval_blocks=len(data.eval),
+    )
     if is_main:
-        write_json_atomic(output_dir / RUN_MANIFEST, manifest)
-        write_yaml_atomic(
-            output_dir / RUN_CONFIG,
-            config_to_dict(teacher_args, student_args, peft_args, data_args, config, export_args),
-        )
+        run.write_manifest(manifest)
+        run.write_config(teacher_args, student_args, peft_args, data_args, config, export_args)
     trainer.accelerator.wait_for_everyone()
 
-    result = RunResult(output_dir=output_dir, trainer=trainer)
+    try:
+        result = _train_and_save(trainer, run, manifest, resume, phases, student, tokenizer, student_args.student)
+    except BaseException as err:  # a crash, Ctrl-C, a sweep's pruner: the record says the run did not finish
+        if is_main:
+            run.write_manifest(RunFolder.set_status(manifest, INTERRUPTED, error=f"{type(err).__name__}: {err}"[:2000]))
+        raise
+
+    budget = trainer.time_budget
+    RunFolder.set_status(
+        manifest,
+        FINISHED,
+        wall_time_seconds=round(time.time() - started, 1),
+        global_step=trainer.state.global_step,
+        max_steps=trainer.state.max_steps,
+        stopped_by_time_budget=budget is not None and budget.stopped_at_step is not None,
+        phase_seconds=dict(phases.seconds),
+    )
+    if is_main:
+        run.write_manifest(manifest)
+        print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
+        print(steps_line(trainer.state.global_step, trainer.state.max_steps, budget), flush=True)
+        print(f"Student saved to {output_dir}", flush=True)
+        if export_args.formats:
+            with phases.phase("export"):
+                result.export = export_run(output_dir, export_args, config)
+        print("\nSeconds per phase (this process):\n" + phases.table(), flush=True)
+    return result
+
+
+def _train_and_save(trainer, run: RunFolder, manifest: dict, resume, phases, student, tokenizer, base) -> RunResult:
+    """Evaluate (unless resuming), train, save the student (a BitNet student also packed), evaluate again.
+
+    ``base`` is the pretrained ``--student`` (a LoRA student trained with sharded weights is merged from it).
+    """
+    from .bitnet import is_bitnet_student, save_packed
+    from .distributed import FirstEvaluation, evaluates_inside_training
+    from .lora import save_student
+
+    result = RunResult(output_dir=run.path, trainer=trainer)
     first_eval = None
     if resume is None and evaluates_inside_training(trainer.accelerator):
         first_eval = FirstEvaluation()  # Trainer evaluates at step 0, after preparing the sharded student
@@ -317,53 +325,28 @@ def train(
     elif resume is None:
         with phases.phase("evaluate before"):
             result.metrics_before = trainer.evaluate()
-        trainer.save_metrics("eval_start", result.metrics_before, combined=False)
+        trainer.save_metrics(RunFolder.EVAL_START, result.metrics_before, combined=False)
     else:
-        import json
-
-        start_file = output_dir / "eval_start_results.json"
-        result.metrics_before = json.loads(start_file.read_text()) if start_file.exists() else {}
+        result.metrics_before = run.results(RunFolder.EVAL_START)
 
     with phases.phase("train"):
-        train_output = trainer.train(resume_from_checkpoint=resume)
+        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     result.train_metrics = dict(train_output.metrics)
     if first_eval is not None:
         trainer.args.eval_on_start = False
         result.metrics_before = first_eval.metrics or {}
-        trainer.save_metrics("eval_start", result.metrics_before, combined=False)
+        trainer.save_metrics(RunFolder.EVAL_START, result.metrics_before, combined=False)
     with phases.phase("save"):
-        save_student(trainer, output_dir, base=student_args.student)
-        if is_main and is_bitnet_student(student):
+        save_student(trainer, run.path, base=base)
+        if trainer.is_world_process_zero() and is_bitnet_student(student):
             # The shippable form: ternary weights packed 4 per byte (docs/bitnet.md); the run folder keeps the
             # latent ones.
-            manifest["bitnet"] = save_packed(
-                student, output_dir / BITNET_PACKED_DIR, tokenizer=tokenizer, overwrite=True
-            )
-        trainer.save_metrics("train", result.train_metrics)
+            manifest["bitnet"] = save_packed(student, run.packed_dir, tokenizer=tokenizer, overwrite=True)
+        trainer.save_metrics(RunFolder.TRAIN, result.train_metrics)
         trainer.save_state()
     with phases.phase("evaluate after"):
         result.metrics_after = trainer.evaluate()
-    trainer.save_metrics("eval", result.metrics_after)
-
-    budget = trainer.time_budget
-    manifest.update(
-        status="finished",
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        wall_time_seconds=round(time.time() - started, 1),
-        global_step=trainer.state.global_step,
-        max_steps=trainer.state.max_steps,
-        stopped_by_time_budget=budget is not None and budget.stopped_at_step is not None,
-        phase_seconds=dict(phases.seconds),
-    )
-    if is_main:
-        write_json_atomic(output_dir / RUN_MANIFEST, manifest)
-        print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
-        print(steps_line(trainer.state.global_step, trainer.state.max_steps, budget), flush=True)
-        print(f"Student saved to {output_dir}", flush=True)
-        if export_args.formats:
-            with phases.phase("export"):
-                result.export = export_run(output_dir, export_args, config)
-        print("\nSeconds per phase (this process):\n" + phases.table(), flush=True)
+    trainer.save_metrics(RunFolder.EVAL, result.metrics_after)
     return result
 
 
@@ -381,22 +364,17 @@ def export_run(output_dir: Path, export_args: ExportArguments, config: Distillat
     elsewhere is replaced only with --overwrite_output_dir. The Hub upload is opt-in (--export_push_to_hub)
     and uses --hub_model_id, --hub_private_repo (private unless set to false) and --hub_token.
     """
-    from .export import export
+    from .export import export_request
 
-    destination = Path(export_args.export_dir) if export_args.export_dir else output_dir / "export"
-    inside_run = destination.resolve().is_relative_to(output_dir.resolve())
-    result = export(
-        output_dir,
-        export_args.formats,
-        export_args.export_outtype,
-        destination,
-        overwrite=inside_run or config.overwrite_output_dir,
-        license=export_args.export_license,
-        push_to_hub=export_args.export_push_to_hub,
+    request = export_args.export_config(
+        str(output_dir),
+        str(RunFolder(output_dir).export_dir),
+        overwrite_output_dir=config.overwrite_output_dir,
         hub_model_id=config.hub_model_id,
         hub_private=config.hub_private_repo is not False,
         hub_token=config.hub_token,
     )
+    result = export_request(output_dir, request)
     for fmt, files in result.files.items():
         print(f"Exported {fmt} ({result.outtypes[fmt]}): {', '.join(str(p) for p in files)}", flush=True)
     return result
@@ -413,7 +391,7 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
 
     from transformers import set_seed
 
-    from .students import _same_width, build_student, load_student, student_config_from_teacher
+    from .students import _same_width, build_student, load_pretrained_student, student_config_from_teacher
     from .teacher.recorded import CacheError, TeacherCache
 
     cache = TeacherCache(config.teacher_cache)
@@ -424,7 +402,7 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
         return (
             None,
             tokenizer,
-            load_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code),
+            load_pretrained_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code),
             cache,
         )
     teacher_config = cache.teacher_config()

@@ -170,12 +170,13 @@ def _check_teacher_weights_readable(teacher: nn.Module) -> None:
         )
 
 
-def load_student(
+def load_pretrained_student(
     name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
     """A pretrained causal LM to distil into (``--student``), in float32 and train mode.
 
     It must share the teacher's tokenizer; :func:`distily.trainer.check_compatible` compares the vocabularies.
+    (A finished run's student is loaded by :meth:`distily.run_folder.RunFolder.load_student`.)
     """
     from pathlib import Path
 
@@ -202,3 +203,6 @@ def load_student(
     student.train()
     logger.info("Loaded pretrained student %s (%s).", name_or_path, type(student).__name__)
     return student
+
+
+load_student = load_pretrained_student  # its earlier name

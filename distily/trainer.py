@@ -47,6 +47,7 @@ from .distributed import check_world_size, place_teacher, world_size_from_env, w
 from .features import IntermediateObjective
 from .io import atomic_path
 from .losses import build_loss
+from .run_folder import RunFolder
 from .teacher.cache import SPLIT_IDS, CacheError, TeacherCache
 from .teacher.loading import freeze
 from .timing import TrainTimeBudget
@@ -103,7 +104,7 @@ class ProjectorCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = RunFolder(args.output_dir).checkpoint_path(state.global_step)
             save_projectors(self.trainer.intermediate, folder / PROJECTORS_FILE)
 
 
@@ -402,13 +403,20 @@ class DistillationTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Trainer's ``train``; on resume, first restores the projectors from the checkpoint's
-        ``projectors.safetensors`` (the student, optimizer and scheduler are restored by Trainer)."""
+        ``projectors.safetensors`` (the student, optimizer and scheduler are restored by Trainer).
+
+        ``resume_from_checkpoint=True`` means the newest *complete* checkpoint of ``output_dir``
+        (:meth:`distily.run_folder.RunFolder.latest_checkpoint`, the rule the command line uses too)."""
+        if resume_from_checkpoint is True:
+            latest = RunFolder(self.args.output_dir).latest_checkpoint()
+            if latest is None:
+                raise ConfigError(
+                    f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir!r}. Start "
+                    "without resume_from_checkpoint, or pass a checkpoint folder."
+                )
+            resume_from_checkpoint = str(latest)
         if resume_from_checkpoint and self.intermediate is not None:
             checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                from transformers.trainer_utils import get_last_checkpoint
-
-                checkpoint = get_last_checkpoint(self.args.output_dir)
             path = Path(checkpoint) / PROJECTORS_FILE if checkpoint else None
             if path is None or not path.exists():
                 raise ConfigError(

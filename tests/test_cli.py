@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,18 +95,54 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(tiny_teacher_dir, text_cor
 
 
 def test_resume_latest_checkpoint_through_the_cli(tiny_teacher_dir, text_corpus, tmp_path):
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
     args = base_args(tiny_teacher_dir, text_corpus, out, "--save_strategy", "steps", "--save_steps", "2")
     assert main(args) == 0
+    uninterrupted = load_file(out / "model.safetensors")  # the weights of the run that was never stopped
     # Simulate a run killed after its step-2 checkpoint: drop what came after, mark it unfinished.
     manifest = json.loads((out / "distily_run.json").read_text())
     manifest["status"] = "running"
     (out / "distily_run.json").write_text(json.dumps(manifest))
+    (out / "model.safetensors").unlink()
     (out / "checkpoint-3").rename(out / "checkpoint-3-partial")
     (out / "checkpoint-4").mkdir()  # an incomplete save: no trainer_state.json
+    (out / "checkpoint-5").mkdir()  # another one: trainer state, but its weights were never written
+    (out / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
     assert main([*args, "--resume_from_checkpoint", "true"]) == 0
     manifest = json.loads((out / "distily_run.json").read_text())
     assert manifest["status"] == "finished" and manifest["global_step"] == 3
+    # The newest complete checkpoint was chosen (not checkpoint-3-partial, -4 or -5) ...
+    assert manifest["resumed_from"] == str(out / "checkpoint-2")
+    # ... and training on from it ends with exactly the uninterrupted run's weights.
+    resumed = load_file(out / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_resume_refuses_an_incomplete_checkpoint_and_a_folder_that_is_not_a_run(
+    tiny_teacher_dir, text_corpus, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = base_args(tiny_teacher_dir, text_corpus, out, "--save_strategy", "steps", "--save_steps", "2")
+    assert main(args) == 0
+    (out / "checkpoint-2" / "model.safetensors").unlink()  # as if the save had been killed midway
+    weights = (out / "model.safetensors").read_bytes()
+    assert main([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")]) == 2
+    err = capsys.readouterr().err
+    assert "is incomplete" in err and "Complete checkpoints beside it: ['checkpoint-3']" in err
+    assert (out / "model.safetensors").read_bytes() == weights
+
+    # A folder distily did not write (here: a plain Trainer output with a checkpoint) is never resumed into.
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    shutil.copytree(out / "checkpoint-3", other / "checkpoint-3")
+    for resume in ("true", str(other / "checkpoint-3")):
+        assert main([*base_args(tiny_teacher_dir, text_corpus, other), "--resume_from_checkpoint", resume]) == 2
+        assert "is not a distily run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["checkpoint-3"]
 
 
 BAD_INPUTS = [

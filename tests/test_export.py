@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
 from distily.cli import main
@@ -433,20 +434,139 @@ def test_card_for_a_python_run_reconstructs_the_command(exported_run, tmp_path):
     assert "distily --config distily_config.yaml" in card and "started from Python" in card
 
 
-def test_push_to_hub_commits_the_export_folder_privately(exported_run):
+def test_card_reads_back_with_huggingface_hub_and_its_eval_results(exported_run, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported_run / "export" / "README.md")
+    after = json.loads((exported_run / "eval_results.json").read_text())
+    config = yaml.safe_load((exported_run / "export" / "distily_config.yaml").read_text())
+    assert card.data.license == "openrail" and card.data.library_name == "transformers"
+    assert card.data.model_name == "out" and card.data.pipeline_tag == "text-generation"
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.task_name) == ("text-generation", "Text Generation")
+    assert (result.dataset_type, result.dataset_name) == (
+        config["dataset"],
+        f"{config['dataset']} (held-out eval split)",
+    )
+    assert (result.metric_type, result.metric_name) == ("perplexity", "Perplexity")
+    assert result.metric_value == round(after["eval_student_ppl"], 4)
+
+    # With `distily eval` scores: one EvalResult per (task, metric); two metrics of one task share its entry.
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
+    evaluation = {
+        "student": {"tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.3}, "piqa": {"acc": 0.6}}},
+        "teacher": {"tasks": {"hellaswag": {"acc": 0.4, "acc_norm": 0.5}, "piqa": {"acc": 0.7}}},
+    }
+    (run / "distily_eval.json").write_text(json.dumps(evaluation))
+    export(run, ["safetensors"], output=tmp_path / "exp")
+    card = ModelCard.load(tmp_path / "exp" / "README.md")
+    scores = [(r.dataset_type, r.metric_type, r.metric_value, r.source_url) for r in card.data.eval_results]
+    harness = "https://github.com/EleutherAI/lm-evaluation-harness"
+    assert scores == [
+        (config["dataset"], "perplexity", round(after["eval_student_ppl"], 4), None),
+        ("hellaswag", "acc", 0.25, harness),
+        ("hellaswag", "acc_norm", 0.3, harness),
+        ("piqa", "acc", 0.6, harness),
+    ]
+    results = parse_front_matter((tmp_path / "exp" / "README.md").read_text())["model-index"][0]["results"]
+    assert [[m["type"] for m in r["metrics"]] for r in results] == [["perplexity"], ["acc", "acc_norm"], ["acc"]]
+
+
+def test_gguf_export_writes_the_pre_tokenizer_the_run_recorded(exported_run, tmp_path, monkeypatch):
+    """The run records its GGUF teacher's pre-tokenizer name; the export reads it from the run folder and never
+    looks the teacher up (here it could not: resolving any teacher fails)."""
+    import shutil
+
+    import gguf
+
+    import distily.teacher.loading
+
+    assert json.loads((exported_run / "distily_run.json").read_text())["teacher_gguf_tokenizer_pre"] is None
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
+    manifest = json.loads((run / "distily_run.json").read_text())
+    manifest["teacher_gguf_tokenizer_pre"] = "qwen2"
+    (run / "distily_run.json").write_text(json.dumps(manifest))
+
+    def no_teacher(name):
+        raise AssertionError(f"the export looked up the teacher {name!r}")
+
+    monkeypatch.setattr(distily.teacher.loading, "resolve_teacher_path", no_teacher)
+    result = export(run, ["gguf"], output=tmp_path / "recorded", model_card=False)
+    (path,) = result.files["gguf"]
+    assert result.gguf_tokenizer_pre == "qwen2"
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert json.loads((tmp_path / "recorded" / EXPORT_MANIFEST).read_text())["gguf_tokenizer_pre"] == "qwen2"
+    given = export(run, ["gguf"], output=tmp_path / "given.gguf", gguf_tokenizer_pre="llama-bpe")
+    assert given.gguf_tokenizer_pre == "llama-bpe"  # --gguf_tokenizer_pre wins over the record
+
+
+def test_a_run_recorded_before_the_pre_tokenizer_was_kept_exports_its_teachers(exported_run, tmp_path, tokenizer):
+    """An older run folder has no ``teacher_gguf_tokenizer_pre``: `distily export` looks its GGUF teacher up."""
+    import shutil
+
+    import gguf
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
+    teacher = tmp_path / "teacher.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(run), tokenizer, teacher, "f32", tokenizer_pre="qwen2")
+    manifest = json.loads((run / "distily_run.json").read_text())
+    del manifest["teacher_gguf_tokenizer_pre"]
+    manifest["teacher"] = str(teacher)
+    (run / "distily_run.json").write_text(json.dumps(manifest))
+    assert main(["export", str(run), "--format", "gguf", "--output", str(tmp_path / "old.gguf")]) == 0
+    assert gguf.GGUFReader(tmp_path / "old.gguf").fields["tokenizer.ggml.pre"].contents() == "qwen2"
+
+
+def test_the_pre_tokenizer_a_run_records_is_read_from_its_gguf_teacher(student_dir, tmp_path, tokenizer):
+    from distily.run import teacher_gguf_tokenizer_pre
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = tmp_path / "teacher.gguf"
+    write_gguf(model, tokenizer, teacher, "f32", tokenizer_pre="qwen2")
+    vocab = model.config.vocab_size
+    assert teacher_gguf_tokenizer_pre(str(teacher), vocab) == "qwen2"
+    assert teacher_gguf_tokenizer_pre(str(teacher), vocab + 1) is None  # another vocabulary: not the student's
+    assert teacher_gguf_tokenizer_pre(str(student_dir), vocab) is None  # not a GGUF teacher
+    assert teacher_gguf_tokenizer_pre(str(tmp_path / "missing.gguf"), vocab) is None
+    assert teacher_gguf_tokenizer_pre(None) is None
+
+
+def test_push_to_hub_commits_the_export_folder_privately(exported_run, monkeypatch):
+    import huggingface_hub.hf_api
+    from huggingface_hub import HfApi
+
     from distily.export.hub import push_to_hub
 
     calls = {}
 
-    class RecordingApi:  # stands in for huggingface_hub.HfApi: no network
+    class RecordingApi(HfApi):
+        """The real HfApi (its upload_folder picks the files and builds the commit) with the network calls
+        replaced: creating the repo, the Hub's README check and the commit itself are recorded instead."""
+
         def create_repo(self, repo_id, **kwargs):
             calls["repo"] = (repo_id, kwargs)
+
+        def _validate_yaml(self, content, **kwargs):
+            calls["validated"] = content
 
         def create_commit(self, repo_id, operations, **kwargs):
             calls["commit"] = (repo_id, operations, kwargs)
             return type("Info", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
 
-    url = push_to_hub(exported_run / "export", "me/tiny-student", api=RecordingApi())
+    # upload_folder's one-commit path (its Xet path streams files to the Hub itself).
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    hidden = exported_run / "export" / ".notes"
+    hidden.write_text("a hidden file stays on the machine")
+    try:
+        url = push_to_hub(exported_run / "export", "me/tiny-student", api=RecordingApi(endpoint="https://hub.invalid"))
+    finally:
+        hidden.unlink()
+    assert calls["validated"].startswith("---\n")
     assert url == "https://hub.example/me/tiny-student/commit/1"
     assert calls["repo"] == ("me/tiny-student", {"private": True, "exist_ok": True, "repo_type": "model"})
     repo_id, operations, kwargs = calls["commit"]

@@ -8,6 +8,7 @@ import torch
 
 from distily import build_student
 from distily.export.gguf import write_gguf
+from distily.run import teacher_gguf_tokenizer_pre
 from distily.students import count_parameters
 
 from .test_export import assert_same_top1, llama_cpp_logits, perplexity
@@ -51,8 +52,9 @@ def test_smollm2_student_runs_in_llama_cpp_f16(student, reference, tmp_path):
     import llama_cpp
 
     model, tokenizer = student
-    report = write_gguf(model, tokenizer, tmp_path / "s-f16.gguf", "f16", teacher="smollm2-135m-instruct")
-    # The teacher's own GGUF names its pre-tokenizer; the student inherits it.
+    # The teacher's own GGUF names its pre-tokenizer; a run records it and the student's GGUF inherits it.
+    pre = teacher_gguf_tokenizer_pre("smollm2-135m-instruct", model.config.vocab_size)
+    report = write_gguf(model, tokenizer, tmp_path / "s-f16.gguf", "f16", tokenizer_pre=pre)
     assert report.tokenizer_pre == "smollm"
     reader = gguf.GGUFReader(report.path)
     assert reader.fields["llama.block_count"].contents() == 2
@@ -87,7 +89,8 @@ def test_q8_0_keeps_perplexity_within_one_percent_at_full_scale(smollm2, tmp_pat
     ids = tokenizer(inspect.getsource(json.decoder), add_special_tokens=False)["input_ids"][:250]
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].float().numpy()
-    report = write_gguf(model, tokenizer, tmp_path / "t-q8_0.gguf", "q8_0", teacher="smollm2-135m-instruct")
+    pre = teacher_gguf_tokenizer_pre("smollm2-135m-instruct", model.config.vocab_size)
+    report = write_gguf(model, tokenizer, tmp_path / "t-q8_0.gguf", "q8_0", tokenizer_pre=pre)
     assert report.size_bytes < 0.6 * 2 * count_parameters(model)  # about 8.5 bits per weight instead of 16
     logits = llama_cpp_logits(report.path, ids)
     ppl_torch, ppl_llama = perplexity(expected, ids), perplexity(logits, ids)

@@ -54,3 +54,5 @@ def test_distil_smollm2_on_python_stdlib(tmp_path, shared_dataset_cache, capsys)
     assert before["eval_student_ppl"] > 10 * before["eval_teacher_ppl"]
     assert after["eval_student_ppl"] < before["eval_student_ppl"]
     assert "eval perplexity" in capsys.readouterr().out
+    # The teacher is a GGUF file: the run records its pre-tokenizer name, which a GGUF export then writes.
+    assert json.loads((out / "distily_run.json").read_text())["teacher_gguf_tokenizer_pre"] == "smollm"

@@ -13,7 +13,7 @@ LM_EVAL_BACKENDS = ("auto", "hf", "vllm")
 class EvalConfig:
     """``distily eval MODEL``: perplexity on a local corpus and (with ``distily[eval]``) harness tasks.
 
-    Unset data fields default to the values of the run in MODEL (its ``distily_config.yaml``), so a run is
+    Unset data fields default to the values of the run in MODEL (its saved config), so a run is
     evaluated on exactly the split it was trained against.
     """
 

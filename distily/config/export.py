@@ -70,6 +70,7 @@ class ExportArguments:
     def export_config(
         self,
         output_dir: str,
+        default_dir: str,
         *,
         overwrite_output_dir: bool = False,
         hub_model_id: str | None = None,
@@ -78,13 +79,13 @@ class ExportArguments:
     ) -> ExportConfig:
         """The one description of an export (the ``distily export`` config) that these training flags ask for.
 
-        The default folder, OUTPUT_DIR/export, belongs to the run and is replaced with it; a folder elsewhere is
-        replaced only with --overwrite_output_dir. The Hub settings are Trainer's (--hub_model_id,
-        --hub_private_repo, --hub_token).
+        ``default_dir`` is the run's own export folder (``RunFolder.export_dir``): it belongs to the run and is
+        replaced with it; a folder elsewhere is replaced only with --overwrite_output_dir. The Hub settings are
+        Trainer's (--hub_model_id, --hub_private_repo, --hub_token).
         """
         from pathlib import Path
 
-        destination = Path(self.export_dir) if self.export_dir else Path(output_dir) / "export"
+        destination = Path(self.export_dir) if self.export_dir else Path(default_dir)
         inside_run = destination.resolve().is_relative_to(Path(output_dir).resolve())
         return ExportConfig(
             format=",".join(self.formats),

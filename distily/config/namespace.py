@@ -101,7 +101,8 @@ def load_yaml_file(path) -> dict[str, Any]:
 
 
 def configs_from_dict(values: dict[str, Any], classes=RUN_ARGUMENT_CLASSES, source: str = "config"):
-    """Build every dataclass of ``classes`` from one flat dict (e.g. a saved ``distily_config.yaml``)."""
+    """Build every dataclass of ``classes`` from one flat dict (e.g. a run's saved config: see
+    :meth:`distily.run_folder.RunFolder.configs`)."""
     check_known_keys(values, source, classes)
     return tuple(
         cls(**{item.name: values[item.name] for item in fields(cls) if item.init and item.name in values})

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_path, provenance
+from ..run_folder import RunFolder
 from .errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ __all__ = [
     "ExportResult",
     "check_exportable",
     "export",
+    "export_request",
     "load_student",
 ]
 
@@ -53,50 +55,24 @@ class ExportResult:
 
 
 def load_student(model_dir: str | os.PathLike):
-    """The student of a run folder (or any causal-LM folder) in float32, with its tokenizer.
-
-    PEFT students: when the folder holds a LoRA adapter (``adapter_config.json``), the adapter is merged into
-    its base weights (``merge_and_unload``) so every export is a plain model. This is the one place exports
-    load a student; scale-out features that save students differently hook in here.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if (model_dir / "adapter_config.json").is_file():
-        model = merge_adapter(model_dir)
-    elif (model_dir / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    else:
-        raise ExportError(
-            f"{str(model_dir)!r} holds no model (no config.json or adapter_config.json). Pass a finished distily "
-            "run folder or a transformers model folder."
-        )
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{str(model_dir)!r} has no loadable tokenizer ({err}); exports ship the tokenizer.") from err
-    return model, tokenizer
+    """The student of a run folder (or any causal-LM folder) in float32, with its tokenizer: an alias of
+    :meth:`distily.run_folder.RunFolder.load_student`, the one place exports and evaluations load a student."""
+    return RunFolder(model_dir).load_student()
 
 
 def merge_adapter(model_dir: Path):
-    """Load a PEFT adapter with its base model and merge it (LoRA students export as plain weights)."""
+    """A folder holding a PEFT adapter, merged into its base weights in float32 (:func:`distily.lora.merge_adapter`)."""
     import torch
 
-    try:
-        from peft import AutoPeftModelForCausalLM
-    except ImportError as err:  # peft is a core dependency; this only guards broken installs
-        raise ExportError("Exporting a PEFT adapter needs peft: pip install peft") from err
-    model = AutoPeftModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model.merge_and_unload()
+    from ..lora import merge_adapter as merge
+
+    return merge(model_dir, dtype=torch.float32)
 
 
 def check_exportable(
     model,
     tokenizer,
     formats,
-    teacher: str | None = None,
     gguf_tokenizer_pre: str | None = None,
     outtype: str | None = None,
 ):
@@ -116,11 +92,7 @@ def check_exportable(
     check_outtype_fits(architecture, outtype or DEFAULT_OUTTYPES["gguf"])
     # A throw-away writer: resolves the tokenizer's GGUF metadata (model type, pre-tokenizer) without a file.
     add_tokenizer(
-        gguf_package.GGUFWriter(path=None, arch="llama"),
-        tokenizer,
-        model.config.vocab_size,
-        pre=gguf_tokenizer_pre,
-        teacher=teacher,
+        gguf_package.GGUFWriter(path=None, arch="llama"), tokenizer, model.config.vocab_size, pre=gguf_tokenizer_pre
     )
 
 
@@ -149,15 +121,24 @@ def _outtypes(formats: list[str], outtype: str | None) -> dict[str, str]:
     return {fmt: outtype or DEFAULT_OUTTYPES[fmt] for fmt in formats}
 
 
-def _run_teacher(source: Path) -> str | None:
-    for name, key in (("distily_run.json", "teacher"),):
-        path = source / name
-        if path.is_file():
-            try:
-                return json.loads(path.read_text()).get(key)
-            except ValueError:
-                return None
-    return None
+def export_request(source: str | os.PathLike, request, gguf_tokenizer_pre: str | None = None) -> ExportResult:
+    """:func:`export` as one :class:`distily.config.ExportConfig` describes it (``distily export``'s flags, or
+    ``distily train --export ...`` through ``ExportArguments.export_config``)."""
+    return export(
+        source,
+        request.formats,
+        request.outtype,
+        request.output,
+        overwrite=request.overwrite,
+        name=request.name,
+        license=request.license,
+        gguf_tokenizer_pre=gguf_tokenizer_pre or request.gguf_tokenizer_pre,
+        model_card=request.model_card,
+        push_to_hub=request.push_to_hub,
+        hub_model_id=request.hub_model_id,
+        hub_private=request.hub_private,
+        hub_token=request.hub_token,
+    )
 
 
 def export(
@@ -186,11 +167,12 @@ def export(
     from .model_card import DEFAULT_LICENSE
 
     source = Path(source)
+    run = RunFolder(source)
     formats = parse_formats(list(formats), "format")
     if not formats:
         raise ExportError("Nothing to export: pass --format safetensors, gguf or both.")
     outtypes = _outtypes(formats, outtype)
-    output = Path(output) if output is not None else source / "export"
+    output = Path(output) if output is not None else run.export_dir
     single_file = output.suffix == ".gguf"
     if single_file and formats != ["gguf"]:
         raise ExportError(f"--output {str(output)!r} is a .gguf file: use --format gguf, or give a folder.")
@@ -198,19 +180,14 @@ def export(
         raise ExportError("--push_to_hub uploads an export folder and needs --hub_model_id user/name.")
     if not source.is_dir():
         raise ExportError(f"{str(source)!r} does not exist or is not a folder. Pass a run folder (--output_dir).")
-    manifest_path = source / "distily_run.json"
-    if manifest_path.is_file():
-        status = json.loads(manifest_path.read_text()).get("status")
-        if status != "finished":
-            raise ExportError(
-                f"The run in {str(source)!r} is not finished (status {status!r}); its weights may be from an "
-                "earlier save. Finish or resume it before exporting."
-            )
+    run.require_finished()
     _check_destination(source, output, overwrite)
     name = name or source.resolve().name
-    teacher = _run_teacher(source)
-    model, tokenizer = load_student(source)
-    check_exportable(model, tokenizer, formats, teacher, gguf_tokenizer_pre, outtypes.get("gguf"))  # before writing
+    teacher = run.teacher
+    # The name the run recorded from its GGUF teacher, unless one is given (a plain model folder has none).
+    gguf_tokenizer_pre = gguf_tokenizer_pre or run.teacher_gguf_tokenizer_pre
+    model, tokenizer = run.load_student()
+    check_exportable(model, tokenizer, formats, gguf_tokenizer_pre, outtypes.get("gguf"))  # before writing
 
     result = ExportResult(output=output, outtypes=outtypes)
     fp16_student_bytes = _fp16_bytes(model)  # before any export casts the model in place
@@ -218,9 +195,7 @@ def export(
         from .gguf import write_gguf
 
         with atomic_path(output) as tmp:
-            report = write_gguf(
-                model, tokenizer, tmp, outtypes["gguf"], name=name, tokenizer_pre=gguf_tokenizer_pre, teacher=teacher
-            )
+            report = write_gguf(model, tokenizer, tmp, outtypes["gguf"], name=name, tokenizer_pre=gguf_tokenizer_pre)
             result.gguf_sizes = gguf_sizes(report, fp16_student_bytes)  # while the file is still at tmp
         result.files["gguf"] = [output]
         result.gguf_tokenizer_pre = report.tokenizer_pre
@@ -244,7 +219,6 @@ def export(
                 outtypes["gguf"],
                 name=name,
                 tokenizer_pre=gguf_tokenizer_pre,
-                teacher=teacher,
                 metadata={"license": license or DEFAULT_LICENSE},
             )
             files["gguf"] = [gguf_path]
@@ -254,13 +228,12 @@ def export(
             from .safetensors import write_safetensors
 
             files["safetensors"] = write_safetensors(model, tokenizer, tmp, outtypes["safetensors"])
-        for extra in ("distily_config.yaml",):
-            if (source / extra).is_file():
-                shutil.copy2(source / extra, tmp / extra)
+        if run.config_path.is_file():  # `distily --config FILE` reruns the run from the export
+            shutil.copy2(run.config_path, tmp / run.config_path.name)
         card_path = None
         if model_card:
             card_path = _write_card(
-                source, tmp, files, student_config, student_parameters, name, license, result.gguf_sizes
+                run, tmp, files, student_config, student_parameters, name, license, result.gguf_sizes
             )
         final_files = {fmt: [output / p.relative_to(tmp) for p in paths] for fmt, paths in files.items()}
         manifest = {
@@ -309,14 +282,13 @@ def gguf_sizes(report, fp16_student_bytes: int) -> dict:
     }
 
 
-def _write_card(source, folder, files, student_config, student_parameters, name, license, gguf_info=None) -> Path:
-    from .model_card import DEFAULT_LICENSE, LOSS_CURVE, card_context, plot_loss_curve, render_model_card
+def _write_card(run, folder, files, student_config, student_parameters, name, license, gguf_info=None) -> Path:
+    from .model_card import DEFAULT_LICENSE, LOSS_CURVE, card_context, model_card, plot_loss_curve
 
-    state_path = source / "trainer_state.json"
-    log_history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
+    log_history = run.trainer_state().get("log_history", [])
     curve = LOSS_CURVE if plot_loss_curve(log_history, folder / LOSS_CURVE) else None
     context = card_context(
-        source,
+        run,
         student_config=student_config,
         student_parameters=student_parameters,
         exported_files=files,
@@ -326,5 +298,5 @@ def _write_card(source, folder, files, student_config, student_parameters, name,
         gguf_sizes=gguf_info,
     )
     card = folder / "README.md"
-    card.write_text(render_model_card(context), encoding="utf-8")
+    model_card(context).save(card)
     return card

@@ -491,25 +491,15 @@ def detect_pre_tokenizer(tokenizer) -> str:
     )
 
 
-def teacher_gguf_tokenizer(teacher: str | None) -> dict | None:
-    """``tokenizer.ggml.*`` values of the teacher's own GGUF file, when the teacher is one (else None).
+def gguf_tokenizer_fields(path: str | os.PathLike) -> dict:
+    """``tokenizer.ggml.pre`` and ``tokenizer.ggml.model`` of a GGUF file, and its token count (``n_tokens``).
 
-    A teacher shipped as GGUF (the embedded SmolLM2) already names its pre-tokenizer; a student that shares
-    its vocabulary inherits that name rather than a guess.
+    A teacher shipped as GGUF (the embedded SmolLM2) already names its pre-tokenizer; the run records that name
+    at training time (:func:`distily.run.teacher_gguf_tokenizer_pre`) and its export writes it.
     """
-    if not teacher:
-        return None
-    try:
-        from ..teacher.loading import resolve_teacher_path
-
-        folder, gguf_file = resolve_teacher_path(teacher)
-    except (FileNotFoundError, OSError):
-        return None
-    if not gguf_file:
-        return None
     import gguf
 
-    reader = gguf.GGUFReader(Path(folder) / gguf_file)
+    reader = gguf.GGUFReader(Path(path))
     values = {}
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.model"):
         field = reader.fields.get(key)
@@ -549,11 +539,11 @@ def _adds_special(tokenizer) -> tuple[bool, bool]:
     return adds_bos, adds_eos
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None = None, teacher: str | None = None) -> str:
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None = None) -> str:
     """Write ``tokenizer.ggml.*`` for a byte-level BPE tokenizer; returns the pre-tokenizer name used.
 
-    ``pre`` overrides the detection; otherwise a GGUF teacher with the same vocabulary size lends its name,
-    else :func:`detect_pre_tokenizer` decides.
+    ``pre`` (``--gguf_tokenizer_pre``, or the name the run recorded from its GGUF teacher) overrides the
+    detection; otherwise :func:`detect_pre_tokenizer` decides.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -570,12 +560,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None = None, te
     if len(tokenizer) > vocab_size:
         raise ExportError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}.")
     if pre is None:
-        inherited = teacher_gguf_tokenizer(teacher)
-        if inherited and inherited.get("tokenizer.ggml.pre") and inherited.get("n_tokens") == vocab_size:
-            pre = inherited["tokenizer.ggml.pre"]
-            logger.info("GGUF pre-tokenizer %r inherited from the teacher's GGUF file.", pre)
-        else:
-            pre = detect_pre_tokenizer(tokenizer)
+        pre = detect_pre_tokenizer(tokenizer)
     tokens, types = _token_strings(tokenizer, vocab_size)
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model.get("merges", [])]
 
@@ -660,11 +645,12 @@ def write_gguf(
     *,
     name: str | None = None,
     tokenizer_pre: str | None = None,
-    teacher: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> GGUFReport:
     """Write ``model`` and ``tokenizer`` to the GGUF file ``path`` (the caller makes it atomic).
 
+    ``tokenizer_pre`` names llama.cpp's pre-tokenizer (default: detected from the tokenizer, see
+    :func:`add_tokenizer`).
     ``metadata`` adds ``general.*`` string keys (``license``, ``description``, ...). The log states the type of
     every tensor that is not f32 or the outtype's main type, and the file size against an f16 export.
     """
@@ -684,7 +670,7 @@ def write_gguf(
     architecture.add_hparams(writer)
     writer.add_file_type(int(outtype_entry.file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre=tokenizer_pre, teacher=teacher)
+    pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre=tokenizer_pre)
 
     types: dict[str, str] = {}
     data_bytes = f16_data_bytes = 0

@@ -1,13 +1,14 @@
 """Hub-ready model cards: YAML front matter the Hub reads, then what the student is and how it was made.
 
-Everything on the card comes from the run folder (``distily_run.json``, ``distily_config.yaml``, the eval and
-train metrics, ``trainer_state.json``, and ``distily_eval.json`` when ``distily eval`` was run); nothing is
-re-evaluated while exporting. The text is rendered from ``templates/model_card.md.j2``.
+Everything on the card comes from the run folder (:class:`distily.run_folder.RunFolder`: its manifest, saved
+config, eval and train metrics, trainer state, and ``distily eval``'s results when it was run); nothing is
+re-evaluated while exporting. The front matter (licence, base model, tags, ``model-index``) is a
+``huggingface_hub.ModelCardData`` with one ``EvalResult`` per score, so the Hub's own code writes and checks it;
+the body is rendered from ``templates/model_card.md.j2``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,11 +18,12 @@ from typing import Any
 import yaml
 
 from ..io import atomic_path
+from ..run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LICENSE = "openrail"
-EVAL_FILE = "distily_eval.json"
+EVAL_FILE = RunFolder.EVALUATION  # re-exported
 LOSS_CURVE = "loss_curve.png"
 # Config fields shown as "architecture" in the teacher/student comparison (whichever the model type has).
 SHAPE_FIELDS = (
@@ -59,20 +61,6 @@ HYPERPARAMETERS = (
     "fp16",
     "seed",
 )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
 
 
 def human_bytes(size: float | None) -> str:
@@ -230,51 +218,60 @@ def _looks_like_hub_dataset(name: str | None) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "," not in name
 
 
-def front_matter(context: dict) -> dict[str, Any]:
-    """The YAML metadata block of the card (license, base_model, datasets, tags, model-index, ...)."""
-    meta: dict[str, Any] = {"license": context["license"]}
-    if context["teacher"].get("hub_id"):
-        meta["base_model"] = context["teacher"]["hub_id"]
+def card_data(context: dict):
+    """The card's metadata (licence, base_model, datasets, tags, ``model-index``) as ``huggingface_hub``'s
+    ``ModelCardData``: the eval perplexity and each harness score is one ``EvalResult``."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     dataset = context["config"].get("dataset")
-    if _looks_like_hub_dataset(dataset):
-        meta["datasets"] = [dataset]
-    meta["library_name"] = "transformers" if "safetensors" in context["formats"] else "gguf"
-    meta["pipeline_tag"] = "text-generation"
     tags = ["distily", "distillation", "knowledge-distillation"]
     if "gguf" in context["formats"]:
         tags.append("gguf")
-    meta["tags"] = tags
     results = []
-    dataset_name = context["eval_dataset_name"]
     if context["student_ppl_after"] is not None:
         results.append(
-            {
-                "task": {"type": "text-generation", "name": "Text Generation"},
-                "dataset": {"name": dataset_name, "type": str(dataset or "unknown")},
-                "metrics": [
-                    {"type": "perplexity", "value": round(context["student_ppl_after"], 4), "name": "Perplexity"}
-                ],
-            }
+            EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                dataset_type=str(dataset or "unknown"),
+                dataset_name=context["eval_dataset_name"],
+                metric_type="perplexity",
+                metric_value=round(context["student_ppl_after"], 4),
+                metric_name="Perplexity",
+            )
         )
     for row in context["benchmarks"]["rows"]:
         results.append(
-            {
-                "task": {"type": "text-generation", "name": "Text Generation"},
-                "dataset": {"name": row["task"], "type": row["task"]},
-                "metrics": [{"type": row["metric"], "value": round(float(row["student"]), 4)}],
-                "source": {
-                    "name": "distily eval (lm-evaluation-harness)",
-                    "url": "https://github.com/EleutherAI/lm-evaluation-harness",
-                },
-            }
+            EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                dataset_type=row["task"],
+                dataset_name=row["task"],
+                metric_type=row["metric"],
+                metric_value=round(float(row["student"]), 4),
+                source_name="distily eval (lm-evaluation-harness)",
+                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+            )
         )
-    if results:
-        meta["model-index"] = [{"name": context["model_name"], "results": results}]
-    return meta
+    return ModelCardData(
+        license=context["license"],
+        base_model=context["teacher"].get("hub_id"),
+        datasets=[dataset] if _looks_like_hub_dataset(dataset) else None,
+        library_name="transformers" if "safetensors" in context["formats"] else "gguf",
+        pipeline_tag="text-generation",
+        tags=tags,
+        model_name=context["model_name"] if results else None,
+        eval_results=results or None,
+    )
+
+
+def front_matter(context: dict) -> dict[str, Any]:
+    """The YAML metadata block of the card as a plain dict (what :func:`card_data` writes)."""
+    return card_data(context).to_dict()
 
 
 def card_context(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | RunFolder,
     *,
     student_config: dict,
     student_parameters: int | None,
@@ -290,14 +287,14 @@ def card_context(
     """
     from ..version import __version__
 
-    run_dir = Path(run_dir)
-    manifest = _read_json(run_dir / "distily_run.json")
-    config = _read_yaml(run_dir / "distily_config.yaml")
-    before = _read_json(run_dir / "eval_start_results.json")
-    after = _read_json(run_dir / "eval_results.json")
-    train = _read_json(run_dir / "train_results.json")
-    state = _read_json(run_dir / "trainer_state.json")
-    evaluation = _read_json(run_dir / EVAL_FILE)
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    manifest = run.manifest
+    config = run.saved_config()
+    before = run.results(RunFolder.EVAL_START)
+    after = run.results(RunFolder.EVAL)
+    train = run.results(RunFolder.TRAIN)
+    state = run.trainer_state()
+    evaluation = run.evaluation()
     teacher_name = manifest.get("teacher") or config.get("teacher")
     teacher = teacher_facts(teacher_name, manifest.get("teacher_parameters"))
 
@@ -305,10 +302,10 @@ def card_context(
     command_note = None
     if not manifest and not config:
         command_note = (
-            "This model folder holds no distily run record (distily_run.json), so how it was trained is unknown."
+            f"This model folder holds no distily run record ({RunFolder.MANIFEST}), so how it was trained is unknown."
         )
     elif not command:
-        command = "distily --config distily_config.yaml"
+        command = f"distily --config {RunFolder.CONFIG}"
         command_note = (
             "The run was started from Python, so no command line was recorded; this command reruns it from the "
             "resolved config saved with the run (included in this folder)."
@@ -376,6 +373,7 @@ def card_context(
         "distily_version": manifest.get("distily_version") or __version__,
         "git_commit": manifest.get("git_commit"),
         "loss_curve": loss_curve,
+        "config_file": RunFolder.CONFIG,
     }
 
 
@@ -389,9 +387,12 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
-def render_model_card(context: dict) -> str:
-    """The README.md text: YAML front matter, then the body from the package's Jinja template."""
+def model_card(context: dict):
+    """The card as a ``huggingface_hub.ModelCard``: :func:`card_data` as its front matter, the body from the
+    package's Jinja template. Building it parses the front matter back (``model-index`` included), so a card the
+    Hub would reject is an error here."""
     import jinja2
+    from huggingface_hub import ModelCard
 
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("distily.export", "templates"),
@@ -402,9 +403,13 @@ def render_model_card(context: dict) -> str:
     )
     environment.filters["fmt"] = _fmt
     environment.filters["duration"] = lambda s: "n/a" if s is None else f"{s / 60:.1f} min ({s:,.0f} s)"
-    body = environment.get_template("model_card.md.j2").render(**context)
-    meta = yaml.safe_dump(front_matter(context), sort_keys=False, allow_unicode=True)
-    return f"---\n{meta}---\n\n{body}"
+    text = environment.get_template("model_card.md.j2").render(card_data=card_data(context).to_yaml(), **context)
+    return ModelCard(text)
+
+
+def render_model_card(context: dict) -> str:
+    """The README.md text: YAML front matter, then the body."""
+    return str(model_card(context))
 
 
 def parse_front_matter(text: str) -> dict:

@@ -84,7 +84,7 @@ def write_report(sweep: SweepConfig, study) -> dict[str, Any]:
         row = _trial_row(sweep, trial)
         config_file = directory / "best" / f"trial-{trial.number:04d}.yaml"
         repro_dir = directory / "repro" / f"trial-{trial.number:04d}"
-        # The fully resolved config (every field), like the trial's own distily_config.yaml.
+        # The fully resolved config (every field), like the one saved in the trial's own run folder.
         configs = run_configs(sweep.config_from_params(trial.params, repro_dir), f"Trial {trial.number}'s config")
         write_yaml_atomic(config_file, config_to_dict(*configs))
         row["config_file"] = str(config_file)

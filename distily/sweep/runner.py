@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from ..config import train_kwargs
 from ..errors import ConfigError, DistilyError
 from ..io import provenance, write_json_atomic, write_yaml_atomic
+from ..run_folder import FAILED, PRUNED, RunFolder, now
 from .config import MANIFEST_METRICS, SweepConfig, run_configs
 from .storage import Heartbeat, fail_dead_trials, mask_url, open_storage, update_run_manifest, worker_id
 
@@ -283,8 +284,8 @@ class Worker:
                 trial.set_user_attr("seconds", round(time.time() - started, 1))
                 update_run_manifest(
                     output_dir,
-                    status="pruned",
-                    pruned_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    status=PRUNED,
+                    pruned_at=now(),
                     reason=str(pruned),
                     sweep=self._sweep_note(trial),
                 )
@@ -308,10 +309,7 @@ class Worker:
         return TrialState.COMPLETE
 
     def _metrics(self, result) -> dict[str, Any]:
-        manifest = {}
-        path = Path(result.output_dir) / "distily_run.json"
-        if path.is_file():
-            manifest = json.loads(path.read_text())
+        manifest = RunFolder(result.output_dir).manifest
         numbers = {key: manifest[key] for key in MANIFEST_METRICS if isinstance(manifest.get(key), (int, float))}
         return {**numbers, **result.train_metrics, **result.metrics_after}
 
@@ -328,8 +326,8 @@ class Worker:
         trial.set_user_attr("error", message[:2000])
         update_run_manifest(
             output_dir,
-            status="failed",
-            failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            status=FAILED,
+            failed_at=now(),
             error=message[:2000],
             sweep=self._sweep_note(trial),
         )
@@ -339,12 +337,7 @@ class Worker:
 
 def _drop_weights(output_dir: Path) -> None:
     """Remove a trial's model weights and checkpoints, keeping its config, metrics and logs."""
-    import shutil
-
-    for path in output_dir.glob("*.safetensors"):
-        path.unlink()
-    for path in output_dir.glob("checkpoint-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    RunFolder(output_dir).drop_weights()
 
 
 def run_sweep(sweep: SweepConfig, command: list[str] | None = None) -> SweepResult:

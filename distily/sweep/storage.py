@@ -22,8 +22,6 @@ RDB-only), and failing a trial is a conditional state change that only one worke
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
@@ -34,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io import write_json_atomic
+from ..run_folder import FAILED, RunFolder
+from ..run_folder import now as timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -185,19 +184,10 @@ class Heartbeat:
 
 
 def update_run_manifest(output_dir: str | Path | None, **updates) -> bool:
-    """Record a trial's outcome in its run folder's ``distily_run.json`` (when the folder is on this machine)."""
+    """Record a trial's outcome in its run folder's manifest (when the folder is on this machine)."""
     if not output_dir:
         return False
-    path = Path(output_dir) / "distily_run.json"
-    manifest: dict[str, Any] = {}
-    if path.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            manifest = json.loads(path.read_text())
-    elif not Path(output_dir).is_dir():
-        return False
-    manifest.update(updates)
-    write_json_atomic(path, manifest)
-    return True
+    return RunFolder(output_dir).update_manifest(**updates)
 
 
 def fail_dead_trials(study, storage, grace_period: float) -> list[int]:
@@ -232,8 +222,8 @@ def fail_dead_trials(study, storage, grace_period: float) -> list[int]:
             # Its run folder is on this machine (another machine's folder may have the same path here).
             update_run_manifest(
                 trial.user_attrs.get("output_dir"),
-                status="failed",
-                failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                status=FAILED,
+                failed_at=timestamp(),
                 error=f"worker died: {reason}",
             )
         failed.append(trial.number)
