@@ -30,7 +30,12 @@ class DataArguments:
         },
     )
     eval_fraction: float = field(
-        default=0.05, metadata={"help": "Share of documents held out for evaluation when there is no eval split."}
+        default=0.05,
+        metadata={
+            "help": "Share of documents held out for evaluation when there is no eval split (by the hash of each "
+            "document, or of each file's path for a folder). A folder of 2 or more files always gets files on "
+            "both sides: if the hashes leave one side empty, the file closest to it moves there (logged)."
+        },
     )
     max_train_blocks: int | None = field(
         default=None, metadata={"help": "Use at most this many packed training blocks (after a seeded shuffle)."}
