@@ -24,7 +24,8 @@ TEST_EXTRAS := dev,bench
 # on version, flags and compiler (pip's own wheel cache ignores the flags), and it is installed from there only
 # (--only-binary), so no wheel built another way can stand in for it.
 LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
-LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' $(LOCK))
+# pip freeze writes the name as llama_cpp_python; match either spelling.
+LLAMA_CPP_VERSION := $(shell sed -n -E 's/^llama[-_]cpp[-_]python==//Ip' $(LOCK))
 
 # Python sources that ruff checks (benchmarks/ and sweeps/ once they hold code).
 LINT_PATHS := distily tests scripts $(wildcard benchmarks/*.py sweeps/*.py)
@@ -46,7 +47,8 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP) scripts/llama-cpp-wheel
-	wheels="$$(PYTHON=$(PY) scripts/llama-cpp-wheel $(LLAMA_CPP_VERSION) "$(LLAMA_CPP_CMAKE_ARGS)")" && \
+	@test -n "$(LLAMA_CPP_VERSION)" || { echo "$(LOCK) locks no llama-cpp-python version: run make lock" >&2; exit 1; }
+	wheels="$$(PYTHON=$(PY) scripts/llama-cpp-wheel "$(LLAMA_CPP_VERSION)" "$(LLAMA_CPP_CMAKE_ARGS)")" && \
 		$(PIP_INSTALL) --only-binary llama-cpp-python --find-links "$$wheels" -e ".[$(TEST_EXTRAS)]"
 	touch $(DEV_STAMP)
 
