@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from distily import ConfigError, DistillationConfig, DistillationTrainer, build_student
 from distily.bitnet import bitlinear_modules
 
-from .conftest import TINY_VOCAB, tiny_llama_config
+from .conftest import tiny_llama_config
+from .test_trainer import SEQ, random_blocks  # the same 16-token random blocks
 
-SEQ = 16
 LATENT_RATE, PROJECTOR_RATE, RATE, WEIGHT_DECAY = 4e-3, 5e-3, 1e-3, 0.1
 OBJECTIVE = {"hidden_states": {"weight": 1.0, "projector": "mlp", "layer_mapper": "all"}}
-
-
-def random_blocks(rows: int, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    return Dataset.from_dict({"input_ids": torch.randint(3, TINY_VOCAB, (rows, SEQ), generator=generator).tolist()})
 
 
 def make_config(tmp_path, **overrides) -> DistillationConfig:
