@@ -207,16 +207,42 @@ def export_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
-    """``distily eval MODEL --tasks perplexity,hellaswag``: perplexity on local corpora, lm-eval tasks."""
+    """``distily eval MODEL --tasks perplexity,hellaswag``: perplexity on local corpora, lm-eval tasks.
+
+    ``distily eval --tasks humaneval --completions FILE --allow_code_execution true`` scores completions made
+    elsewhere (no MODEL): :func:`distily.code_eval.score_completions`.
+    """
     from .evaluate import EvalConfig, evaluate_model
 
-    usage = "distily eval MODEL_OR_RUN_DIR --tasks perplexity[,lm-eval tasks] [--dataset ...]"
+    usage = (
+        "distily eval MODEL_OR_RUN_DIR --tasks perplexity[,lm-eval tasks] [--dataset ...], or "
+        "distily eval --tasks humaneval --completions FILE --allow_code_execution true"
+    )
+    if argv and argv[0].startswith("-") and any(arg.split("=", 1)[0] == "--completions" for arg in argv):
+        return _score_completions(argv)
     model, rest = _positional(argv, "MODEL (a run folder or model folder)", usage)
     (config,) = parse_with_yaml(rest, classes=(EvalConfig,), prog="distily eval MODEL")
+    if config.completions is not None:
+        raise ConfigError("--completions scores completions made elsewhere: drop MODEL from the command line.")
     results = evaluate_model(model, config)
     for who, values in results.items():
         if who in ("student", "teacher"):
             print(f"{who}: {values}", flush=True)
+    return 0
+
+
+def _score_completions(argv: list[str]) -> int:
+    """``distily eval --completions ...``: pass@k of a completions file, each sample run in a sandbox."""
+    from .code_eval import score_completions, summary_table
+    from .evaluate import EvalConfig
+
+    (config,) = parse_with_yaml(argv, classes=(EvalConfig,), prog="distily eval --completions FILE")
+    output = score_completions(
+        config.completions, task=config.task_list[0], task_file_path=config.task_file,
+        allow_code_execution=config.allow_code_execution, limit=config.limit, timeout=config.timeout,
+        memory_mb=config.memory_limit_mb, ks=config.k_list, output_dir=config.output_dir,
+    )  # fmt: skip
+    print(summary_table(output), flush=True)
     return 0
 
 

@@ -42,3 +42,7 @@ class UnknownNameError(DistilyError, KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class TaskFileError(DistilyError, ValueError):
+    """A code-evaluation task file or completions file cannot be used; the message names the file, line and field."""

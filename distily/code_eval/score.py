@@ -1,0 +1,154 @@
+"""Score completions made elsewhere: run each in the sandbox against its task's tests, then pass@k.
+
+``distily eval --tasks humaneval --completions samples.jsonl --allow_code_execution true`` calls
+:func:`score_completions`; no model is loaded. Results go to ``distily_eval.json`` in ``--output_dir``, or beside
+the completions file when no ``--output_dir`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..config.eval import EXECUTION_REFUSED
+from ..errors import ConfigError, TaskFileError
+from ..io import provenance, write_json_atomic
+from ..run_folder import RunFolder
+from .executors import EXECUTORS, Program
+from .metrics import default_ks, mean_pass_at_k
+from .sandbox import FAILED, PASSED, TIMED_OUT, Limits, SandboxResult, isolation, run_sandboxed
+from .schema import Completion, Task
+from .tasks import load_completions, load_tasks, task_file
+
+logger = logging.getLogger(__name__)
+
+EVAL_FILE = RunFolder.EVALUATION
+
+
+def select(tasks: dict[str, Task], completions: list[Completion], limit: int | None):
+    """The first ``limit`` tasks (all without a limit) and their completions; each selected task needs one."""
+    chosen = dict(list(tasks.items())[:limit]) if limit else tasks
+    samples = [completion for completion in completions if completion.task_id in chosen]
+    attempted = {completion.task_id for completion in samples}
+    missing = [task_id for task_id in chosen if task_id not in attempted]
+    if missing:
+        raise TaskFileError(
+            f"{len(missing)} of the {len(chosen)} tasks have no completion (e.g. {', '.join(missing[:3])}). Add "
+            "completions for them, or pass --limit N to score only the first N tasks of the task file."
+        )
+    return chosen, samples
+
+
+def score_completions(
+    completions: str | os.PathLike,
+    *,
+    task: str = "humaneval",
+    task_file_path: str | os.PathLike | None = None,
+    allow_code_execution: bool = False,
+    limit: int | None = None,
+    timeout: float = 10.0,
+    memory_mb: int | None = 1024,
+    ks: Sequence[int] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every completion against its task's tests; write and return the results (``distily_eval.json``).
+
+    Everything is checked before any code runs: the consent, the files, each completion's task, the executors
+    (a missing toolchain) and that every task has at least ``max(ks)`` samples.
+    """
+    if not allow_code_execution:
+        raise ConfigError(EXECUTION_REFUSED)
+    path = task_file(task, task_file_path)
+    every_task = load_tasks(path)
+    tasks, samples = select(every_task, load_completions(completions, every_task), limit)
+    counts_n = {task_id: 0 for task_id in tasks}
+    for sample in samples:
+        counts_n[sample.task_id] += 1
+    fewest = min(counts_n.values())
+    ks = list(ks) if ks else default_ks([(n, 0) for n in counts_n.values()])
+    too_many = [k for k in ks if k > fewest]
+    if too_many:
+        raise ConfigError(
+            f"pass@{too_many[0]} needs at least {too_many[0]} samples of every task; the fewest any task has is "
+            f"{fewest}. Lower --pass_at_k or add samples."
+        )
+    limits = Limits(timeout=timeout, memory_mb=memory_mb)
+    programs = [EXECUTORS[tasks[s.task_id].language](tasks[s.task_id], s.completion) for s in samples]
+    destination = Path(output_dir) / EVAL_FILE if output_dir else Path(completions).resolve().parent / EVAL_FILE
+
+    results = _run_all(programs, limits, workers, progress)
+    problems: dict[str, dict[str, Any]] = {}
+    for sample, result in zip(samples, results, strict=True):
+        problem = problems.setdefault(sample.task_id, {"n": 0, PASSED: 0, FAILED: 0, TIMED_OUT: 0, "samples": []})
+        problem["n"] += 1
+        problem[result.status] += 1
+        problem["samples"].append({"line": sample.line, **result.to_dict()})
+    counts = [(problem["n"], problem[PASSED]) for problem in problems.values()]
+    scores = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
+    output: dict[str, Any] = {
+        **provenance(),
+        "tasks": [task],
+        "task_file": str(Path(path).resolve()),
+        "completions": str(Path(completions).resolve()),
+        "num_tasks": len(problems),
+        "num_samples": len(samples),
+        "limits": {"timeout": limits.timeout, "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb},
+        "isolation": isolation().to_dict(),
+        "totals": {status: sum(p[status] for p in problems.values()) for status in (PASSED, FAILED, TIMED_OUT)},
+        "scores": {task: scores},
+        "problems": problems,
+    }
+    if destination.exists():
+        logger.warning("Replacing the previous evaluation in %s.", destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(destination, output)
+    output["output_file"] = str(destination)
+    return output
+
+
+def _run_all(programs: list[Program], limits: Limits, workers: int | None, progress: bool) -> list[SandboxResult]:
+    """Each program in its own sandbox, ``workers`` at a time (default: one per CPU), in input order."""
+
+    def run(program: Program) -> SandboxResult:
+        memory = limits.memory_mb
+        if memory is not None and program.min_memory_mb is not None:
+            memory = max(memory, program.min_memory_mb)
+        own = Limits(timeout=limits.timeout, memory_mb=memory, file_size_mb=limits.file_size_mb)
+        return run_sandboxed(program.files, program.argv, own, program.env)
+
+    isolation()  # probe once, before the threads
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        bar = tqdm(total=len(programs), unit="sample", desc="Running completions", disable=not progress)
+        futures = [pool.submit(run, program) for program in programs]
+        for _ in as_completed(futures):
+            bar.update(1)
+        bar.close()
+    return [future.result() for future in futures]
+
+
+def summary_table(output: dict[str, Any]) -> str:
+    """A plain-text table of the totals and the pass@k scores, for the terminal."""
+    totals, isolated = output["totals"], output["isolation"]
+    lines = [
+        f"{'task':<12} {'problems':>8} {'samples':>8} {'passed':>7} {'failed':>7} {'timed out':>9}",
+        f"{output['tasks'][0]:<12} {output['num_tasks']:>8} {output['num_samples']:>8} {totals[PASSED]:>7} "
+        f"{totals[FAILED]:>7} {totals[TIMED_OUT]:>9}",
+    ]
+    for task, scores in output["scores"].items():
+        lines.append("  ".join(f"{task} {name} = {value:.4f}" for name, value in scores.items()))
+    lines.append(
+        f"sandbox: network isolated {isolated['network_isolated']}, filesystem read-only "
+        f"{isolated['filesystem_read_only']}, pid namespace {isolated['pid_namespace']}"
+    )
+    if "output_file" in output:
+        lines.append(f"results: {output['output_file']}")
+    return "\n".join(lines)
