@@ -54,8 +54,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import jail
-
 PASSED, FAILED, TIMED_OUT = "passed", "failed", "timed_out"
 # Placeholder for the run's temporary folder in an executor's command line and environment values.
 WORKDIR = "{workdir}"
@@ -66,6 +64,8 @@ UNSHARE_FULL = ["--user", "--map-root-user", "--mount", "--propagation", "privat
 UNSHARE_FULL += ["--kill-child"]
 UNSHARE_NET = ["--user", "--map-root-user", "--net"]
 TAIL_BYTES = 64 * 1024
+# Run as a script inside the namespaces (not imported: it must work under `python -I` alone).
+JAIL = str(Path(__file__).with_name("jail.py"))
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _os_unshare_net(uid: int, gid: int) -> None:
 
 def _prefix(method: str, workdir: str) -> list[str]:
     if method == "unshare":
-        return ["unshare", *UNSHARE_FULL, "--", sys.executable, "-I", jail.__file__, workdir]
+        return ["unshare", *UNSHARE_FULL, "--", sys.executable, "-I", JAIL, workdir]
     if method == "unshare-net":
         return ["unshare", *UNSHARE_NET, "--"]
     return []
