@@ -64,6 +64,7 @@ UNSHARE_FULL = ["--user", "--map-root-user", "--mount", "--propagation", "privat
 UNSHARE_FULL += ["--kill-child"]
 UNSHARE_NET = ["--user", "--map-root-user", "--net"]
 TAIL_BYTES = 64 * 1024
+METHODS = ("unshare", "unshare-net", "os.unshare", "none")
 # Run as a script inside the namespaces (not imported: it must work under `python -I` alone).
 JAIL = str(Path(__file__).with_name("jail.py"))
 
@@ -176,12 +177,16 @@ def run_sandboxed(
     argv: list[str],
     limits: Limits = Limits(),
     extra_env: Mapping[str, str] | None = None,
+    method: str | None = None,
 ) -> SandboxResult:
     """Write ``files`` (name -> text) into a fresh temporary folder and run ``argv`` there, isolated and limited.
 
-    ``{workdir}`` in ``argv`` and in ``extra_env``'s values is replaced by that folder's path.
+    ``{workdir}`` in ``argv`` and in ``extra_env``'s values is replaced by that folder's path. ``method`` picks
+    the isolation (``unshare``, ``unshare-net``, ``os.unshare`` or ``none``; default: :func:`isolation`'s).
     """
-    return _run(isolation().method, files, argv, limits, extra_env)
+    if method is not None and method not in METHODS:
+        raise ValueError(f"Sandbox method {method!r} is not one of {', '.join(METHODS)}.")
+    return _run(method or isolation().method, files, argv, limits, extra_env)
 
 
 def _run(method: str, files, argv, limits: Limits, extra_env) -> SandboxResult:
