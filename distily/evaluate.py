@@ -9,6 +9,8 @@ folder); ``distily export`` puts its numbers on the model card and in ``model-in
 * Any other task name goes to lm-evaluation-harness (``pip install 'distily[eval]'``), with the vLLM backend
   on CUDA machines that have vLLM (``distily[gpu]``) and the transformers backend elsewhere. Harness tasks
   download their datasets, so they need network access (or a prepared HF cache).
+* ``--tasks humaneval --completions FILE`` scores completions made elsewhere by pass@k, each run in a sandbox
+  (:mod:`distily.code_eval`, docs/code_eval.md); ``distily eval`` goes there without loading a model.
 """
 
 from __future__ import annotations
