@@ -147,6 +147,8 @@ def _prefix(method: str, workdir: str) -> list[str]:
 
 
 def _preexec(method: str, limits: Limits):
+    """The ``preexec_fn``. It runs between fork and exec in a parent with threads (the scoring pool), so it keeps
+    to a few system calls: ``setrlimit``, and for ``os.unshare`` that call and three short writes to ``/proc``."""
     uid, gid = os.getuid(), os.getgid()
 
     def preexec() -> None:

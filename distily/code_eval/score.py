@@ -124,7 +124,13 @@ def _run_all(programs: list[Program], limits: Limits, workers: int | None, progr
         own = Limits(timeout=limits.timeout, memory_mb=memory, file_size_mb=limits.file_size_mb)
         return run_sandboxed(program.files, program.argv, own, program.env)
 
-    isolation()  # probe once, before the threads
+    isolated = isolation()  # probe once, before the threads
+    if not isolated.filesystem_read_only:
+        logger.warning(
+            "This machine gives the sandbox no read-only filesystem (isolation %s): a completion can change or "
+            "delete any file this user can. See docs/code_eval.md.",
+            isolated.method,
+        )
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         bar = tqdm(total=len(programs), unit="sample", desc="Running completions", disable=not progress)
