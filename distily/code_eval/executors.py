@@ -60,6 +60,8 @@ def go_program(task: Task, completion: str) -> Program:
             "(apt-get install golang-go) or leave the Go tasks out of the task file."
         )
     env = {
+        # Not the run folder itself: go ignores a go.mod that lies directly in the system temp folder (TMPDIR).
+        "TMPDIR": f"{WORKDIR}/.tmp",
         "GOCACHE": f"{WORKDIR}/.gocache",
         "GOPATH": f"{WORKDIR}/.gopath",
         "GOPROXY": "off",
@@ -68,5 +70,10 @@ def go_program(task: Task, completion: str) -> Program:
         "GO111MODULE": "on",
         "CGO_ENABLED": "0",
     }
-    files = {"go.mod": GO_MOD, "main.go": f"{task.prompt}{completion}\n", "main_test.go": f"{task.test}\n"}
+    files = {
+        "go.mod": GO_MOD,
+        "main.go": f"{task.prompt}{completion}\n",
+        "main_test.go": f"{task.test}\n",
+        ".tmp/.keep": "",
+    }
     return Program(files=files, argv=[go, "test", "-count=1", "."], env=env, min_memory_mb=4096)
