@@ -155,7 +155,7 @@ class TransformersBackend:
         width = encoded["input_ids"].shape[1]
         stops = [stop_sequences(language) for language in languages]
         eos = self.tokenizer.eos_token_id
-        sampling = dict(do_sample=True, temperature=temperature, top_p=self.top_p, top_k=0) if temperature else {}
+        sampling = dict(temperature=temperature, top_p=self.top_p, top_k=0) if temperature else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=bool(temperature),
