@@ -78,16 +78,16 @@ class EvalConfig:
         },
     )
     allow_code_execution: bool = field(
-        default=False, metadata={"help": "Consent to run the model-written code of --completions (in a sandbox)."}
+        default=False, metadata={"help": "Consent to run model-written code for humaneval (in a sandbox)."}
     )
-    limit: int | None = field(default=None, metadata={"help": "--completions: score only the first N tasks."})
-    timeout: float = field(default=10.0, metadata={"help": "--completions: wall-clock seconds per sample."})
+    limit: int | None = field(default=None, metadata={"help": "humaneval: generate and score only the first N tasks."})
+    timeout: float = field(default=10.0, metadata={"help": "humaneval: wall-clock seconds per sample."})
     memory_limit_mb: int = field(
-        default=1024, metadata={"help": "--completions: address-space limit of each sample's process, in MiB."}
+        default=1024, metadata={"help": "humaneval: address-space limit of each sample's process, in MiB."}
     )
     pass_at_k: str | None = field(
         default=None,
-        metadata={"help": "--completions: comma-separated k of pass@k (default: those of 1,10,100 every task has)."},
+        metadata={"help": "humaneval: comma-separated k of pass@k (default: those of 1,10,100 every task has)."},
     )
     output_dir: str | None = field(
         default=None,
