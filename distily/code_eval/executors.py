@@ -59,7 +59,10 @@ def go_program(task: Task, completion: str) -> Program:
             f"Task {task.task_id!r} is in Go and `go` is not on PATH: install the Go toolchain "
             "(apt-get install golang-go) or leave the Go tasks out of the task file."
         )
+    # Go ignores a go.mod in the system temp root (os.TempDir()), which the sandbox makes the work folder: give
+    # Go a temporary folder of its own below it.
     env = {
+        "TMPDIR": f"{WORKDIR}/.tmp",
         "GOCACHE": f"{WORKDIR}/.gocache",
         "GOPATH": f"{WORKDIR}/.gopath",
         "GOPROXY": "off",
@@ -68,5 +71,10 @@ def go_program(task: Task, completion: str) -> Program:
         "GO111MODULE": "on",
         "CGO_ENABLED": "0",
     }
-    files = {"go.mod": GO_MOD, "main.go": f"{task.prompt}{completion}\n", "main_test.go": f"{task.test}\n"}
+    files = {
+        "go.mod": GO_MOD,
+        "main.go": f"{task.prompt}{completion}\n",
+        "main_test.go": f"{task.test}\n",
+        ".tmp/.keep": "",
+    }
     return Program(files=files, argv=[go, "test", "-count=1", "."], env=env, min_memory_mb=4096)

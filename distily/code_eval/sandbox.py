@@ -197,6 +197,7 @@ def _run(method: str, files, argv, limits: Limits, extra_env) -> SandboxResult:
         work = base / "work"
         work.mkdir()
         for name, text in files.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
             (work / name).write_text(text, encoding="utf-8")
         path = str(work)
         command = _prefix(method, path) + [arg.replace(WORKDIR, path) for arg in argv]
