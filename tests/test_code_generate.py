@@ -282,3 +282,11 @@ def test_config_checks():
         EvalConfig(tasks="humaneval", allow_code_execution=True, pass_at_k="1,10", num_samples=5)
     assert EvalConfig(tasks="humaneval", allow_code_execution=True, pass_at_k="1,10", num_samples=10).k_list == [1, 10]
     assert EvalConfig(tasks="perplexity").code_tasks == []  # the other tasks are untouched by the new fields
+
+
+def test_llama_cpp_missing_names_the_package(monkeypatch, tmp_path):
+    from distily.code_eval.generate import LlamaCppBackend
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    with pytest.raises(ConfigError, match="pip install llama-cpp-python"):
+        LlamaCppBackend(str(tmp_path / "m.gguf"))

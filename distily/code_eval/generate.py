@@ -221,7 +221,8 @@ class LlamaCppBackend:
             import llama_cpp
         except ImportError as err:
             raise ConfigError(
-                "--generation_backend llama_cpp needs llama-cpp-python: pip install 'distily[gguf]'."
+                "--generation_backend llama_cpp needs llama-cpp-python: pip install llama-cpp-python (distily's "
+                "dev extra pins it; PyPI ships source, so it compiles llama.cpp)."
             ) from err
         self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, verbose=False)
         self.top_p = top_p
