@@ -210,13 +210,15 @@ def eval_command(argv: list[str]) -> int:
     """``distily eval MODEL --tasks perplexity,hellaswag``: perplexity on local corpora, lm-eval tasks.
 
     ``distily eval --tasks humaneval --completions FILE --allow_code_execution true`` scores completions made
-    elsewhere (no MODEL): :func:`distily.code_eval.score_completions`.
+    elsewhere (no MODEL): :func:`distily.code_eval.score_completions`. ``distily eval MODEL --tasks humaneval
+    --allow_code_execution true`` generates them with MODEL first: :func:`distily.code_eval.generate_and_score`.
     """
     from .evaluate import EvalConfig, evaluate_model
 
     usage = (
         "distily eval MODEL_OR_RUN_DIR --tasks perplexity[,lm-eval tasks] [--dataset ...], or "
-        "distily eval --tasks humaneval --completions FILE --allow_code_execution true"
+        "distily eval --tasks humaneval --completions FILE --allow_code_execution true, or "
+        "distily eval MODEL_OR_GGUF --tasks humaneval --allow_code_execution true [--num_samples N]"
     )
     if argv and argv[0].startswith("-") and any(arg.split("=", 1)[0] == "--completions" for arg in argv):
         return _score_completions(argv)
@@ -224,6 +226,12 @@ def eval_command(argv: list[str]) -> int:
     (config,) = parse_with_yaml(rest, classes=(EvalConfig,), prog="distily eval MODEL")
     if config.completions is not None:
         raise ConfigError("--completions scores completions made elsewhere: drop MODEL from the command line.")
+    if config.code_tasks:
+        from .code_eval import summary_table
+        from .code_eval.score import generate_and_score
+
+        print(summary_table(generate_and_score(model, config)), flush=True)
+        return 0
     results = evaluate_model(model, config)
     for who, values in results.items():
         if who in ("student", "teacher"):

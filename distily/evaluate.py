@@ -11,6 +11,8 @@ folder); ``distily export`` puts its numbers on the model card and in ``model-in
   download their datasets, so they need network access (or a prepared HF cache).
 * ``--tasks humaneval --completions FILE`` scores completions made elsewhere by pass@k, each run in a sandbox
   (:mod:`distily.code_eval`, docs/code_eval.md); ``distily eval`` goes there without loading a model.
+  ``distily eval MODEL --tasks humaneval --allow_code_execution true`` generates the completions with MODEL
+  first (:func:`distily.code_eval.generate_and_score`); humaneval is never sent to lm-eval.
 """
 
 from __future__ import annotations

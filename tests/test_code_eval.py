@@ -7,7 +7,6 @@ import json
 import shutil
 import socket
 import sys
-import time
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -166,9 +165,10 @@ def test_timeout_kills_the_whole_process_group(method, tmp_path):
         "print(child.pid, flush=True)\n"
         "while True:\n    pass\n"
     )
-    start = time.monotonic()
     result = run_python(code, method=method, timeout=1.5)
-    assert result.status == TIMED_OUT and time.monotonic() - start < 1.5 + 2.0
+    # From the start of the process to the end of the kill: the timeout, plus only the kill itself. (Wall time
+    # around the whole call also counts writing the files and starting the interpreter, slow on a loaded machine.)
+    assert result.status == TIMED_OUT and 1.5 <= result.duration < 1.5 + 1.0, result.duration
     if method == "none":  # the sleeper's pid is ours to look at only without a PID namespace
         pid = int(result.stdout.split()[0])
         state = Path(f"/proc/{pid}/status")

@@ -59,8 +59,9 @@ def go_program(task: Task, completion: str) -> Program:
             f"Task {task.task_id!r} is in Go and `go` is not on PATH: install the Go toolchain "
             "(apt-get install golang-go) or leave the Go tasks out of the task file."
         )
+    # Go ignores a go.mod in the system temp root (os.TempDir()), which the sandbox makes the work folder: give
+    # Go a temporary folder of its own below it.
     env = {
-        # Not the run folder itself: go ignores a go.mod that lies directly in the system temp folder (TMPDIR).
         "TMPDIR": f"{WORKDIR}/.tmp",
         "GOCACHE": f"{WORKDIR}/.gocache",
         "GOPATH": f"{WORKDIR}/.gopath",

@@ -7,6 +7,7 @@ the completions file when no ``--output_dir`` is given.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -16,11 +17,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config.eval import EXECUTION_REFUSED
+from ..config.eval import EXECUTION_REFUSED, EvalConfig
 from ..errors import ConfigError, TaskFileError
-from ..io import provenance, write_json_atomic
+from ..io import provenance, write_json_atomic, write_text_atomic
 from ..run_folder import RunFolder
 from .executors import EXECUTORS, Program
+from .generate import GENERATION_BACKENDS, resolve_generation_backend
 from .metrics import default_ks, mean_pass_at_k
 from .sandbox import FAILED, PASSED, TIMED_OUT, Limits, SandboxResult, isolation, run_sandboxed
 from .schema import Completion, Task
@@ -29,6 +31,7 @@ from .tasks import load_completions, load_tasks, task_file
 logger = logging.getLogger(__name__)
 
 EVAL_FILE = RunFolder.EVALUATION
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 def select(tasks: dict[str, Task], completions: list[Completion], limit: int | None):
@@ -58,6 +61,7 @@ def score_completions(
     output_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     progress: bool = True,
+    generation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every completion against its task's tests; write and return the results (``distily_eval.json``).
 
@@ -106,6 +110,8 @@ def score_completions(
         "scores": {task: scores},
         "problems": problems,
     }
+    if generation is not None:
+        output["generation"] = generation  # how the completions were made, when distily made them
     if destination.exists():
         logger.warning("Replacing the previous evaluation in %s.", destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +145,50 @@ def _run_all(programs: list[Program], limits: Limits, workers: int | None, progr
             bar.update(1)
         bar.close()
     return [future.result() for future in futures]
+
+
+def generation_output_dir(model: str | os.PathLike, output_dir: str | os.PathLike | None) -> Path:
+    """Where generated completions and their scores go: ``output_dir``, else MODEL's folder, or for a ``.gguf``
+    file the folder it is in."""
+    if output_dir:
+        return Path(output_dir)
+    return Path(model).parent if Path(model).is_file() else Path(model)
+
+
+def generate_and_score(model: str | os.PathLike, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """``distily eval MODEL --tasks humaneval --allow_code_execution true``: generate ``--num_samples``
+    completions of every selected task with MODEL, write them to ``completions.jsonl``, score them with
+    :func:`score_completions` (which writes ``distily_eval.json`` beside them).
+
+    Everything that needs no model is checked first: the consent, the backend's name, the task file.
+    """
+    if not config.allow_code_execution:
+        raise ConfigError(EXECUTION_REFUSED)
+    model = str(model)
+    if not Path(model).exists():
+        raise ConfigError(f"{model!r} does not exist: pass a run folder, a model folder or a .gguf file.")
+    backend_name = resolve_generation_backend(config.generation_backend, model)
+    task = config.code_tasks[0]
+    path = task_file(task, config.task_file)
+    tasks = list(load_tasks(path).values())[: config.limit]
+    out_dir = generation_output_dir(model, config.output_dir)
+    backend = GENERATION_BACKENDS[backend_name](model, config)
+    logger.info("Generating %d samples of %d tasks with %s (%s).", config.num_samples, len(tasks), model, backend_name)
+    completions = backend.generate(tasks, config.num_samples, config.temperature, config.max_new_tokens, config.seed)
+    destination = out_dir / COMPLETIONS_FILE
+    lines = [json.dumps({"task_id": c.task_id, "completion": c.completion}) + "\n" for c in completions]
+    write_text_atomic(destination, "".join(lines))
+    output = score_completions(
+        destination, task=task, task_file_path=path, allow_code_execution=True, limit=config.limit,
+        timeout=config.timeout, memory_mb=config.memory_limit_mb, ks=config.k_list, output_dir=out_dir,
+        progress=progress,
+        generation={
+            "model": str(Path(model).resolve()), "backend": backend_name, "num_samples": config.num_samples,
+            "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed,
+        },
+    )  # fmt: skip
+    return output
 
 
 def summary_table(output: dict[str, Any]) -> str:

@@ -7,10 +7,16 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 LM_EVAL_BACKENDS = ("auto", "hf", "vllm")
+CODE_TASK_NAMES = ("humaneval",)  # generated and scored by distily.code_eval, not by lm-eval
 EXECUTION_REFUSED = (
     "--completions runs model-written code on this machine (in a sandbox that limits time, memory, network and "
     "files where the kernel allows, see docs/code_eval.md, but is not a container or a VM). Pass "
     "--allow_code_execution true to run it."
+)
+
+GENERATION_REFUSED = (
+    "--tasks humaneval generates code with MODEL and runs it on this machine (in a sandbox, see "
+    "docs/code_eval.md, which is not a container or a VM). Pass --allow_code_execution true to run it."
 )
 
 
@@ -23,6 +29,8 @@ class EvalConfig:
 
     ``distily eval --tasks humaneval --completions FILE --allow_code_execution true`` instead scores completions
     made elsewhere by pass@k, running each in a sandbox (:mod:`distily.code_eval`); no MODEL is loaded.
+    ``distily eval MODEL --tasks humaneval --allow_code_execution true`` generates the completions with MODEL
+    first (``--generation_backend``), writes them to ``completions.jsonl`` and scores them the same way.
     """
 
     tasks: str = field(
@@ -70,21 +78,38 @@ class EvalConfig:
         },
     )
     allow_code_execution: bool = field(
-        default=False, metadata={"help": "Consent to run the model-written code of --completions (in a sandbox)."}
+        default=False, metadata={"help": "Consent to run model-written code for humaneval (in a sandbox)."}
     )
-    limit: int | None = field(default=None, metadata={"help": "--completions: score only the first N tasks."})
-    timeout: float = field(default=10.0, metadata={"help": "--completions: wall-clock seconds per sample."})
+    limit: int | None = field(default=None, metadata={"help": "humaneval: generate and score only the first N tasks."})
+    timeout: float = field(default=10.0, metadata={"help": "humaneval: wall-clock seconds per sample."})
     memory_limit_mb: int = field(
-        default=1024, metadata={"help": "--completions: address-space limit of each sample's process, in MiB."}
+        default=1024, metadata={"help": "humaneval: address-space limit of each sample's process, in MiB."}
     )
     pass_at_k: str | None = field(
         default=None,
-        metadata={"help": "--completions: comma-separated k of pass@k (default: those of 1,10,100 every task has)."},
+        metadata={"help": "humaneval: comma-separated k of pass@k (default: those of 1,10,100 every task has)."},
     )
     output_dir: str | None = field(
         default=None,
-        metadata={"help": "--completions: folder for distily_eval.json (default: the completions file's folder)."},
+        metadata={
+            "help": "humaneval: folder for completions.jsonl and distily_eval.json (default: the completions "
+            "file's folder with --completions; else MODEL's folder, or the folder a .gguf MODEL is in)."
+        },
     )
+    generation_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "humaneval with a MODEL: how completions are generated: auto (llama_cpp for a .gguf file, "
+            "else transformers), transformers, llama_cpp, vllm (pip install 'distily[gpu]')."
+        },
+    )
+    num_samples: int = field(default=1, metadata={"help": "humaneval: completions generated per task (n of pass@k)."})
+    temperature: float = field(
+        default=0.0, metadata={"help": "humaneval: sampling temperature; 0 is greedy decoding (for pass@1)."}
+    )
+    top_p: float = field(default=0.95, metadata={"help": "humaneval: nucleus sampling's p (when temperature > 0)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "humaneval: at most this many tokens per completion."})
+    seed: int = field(default=0, metadata={"help": "humaneval: seed of the sampling (a rerun draws the same samples)."})
 
     def __post_init__(self):
         if not self.task_list:
@@ -93,7 +118,10 @@ class EvalConfig:
             raise ConfigError(
                 f"--lm_eval_backend {self.lm_eval_backend!r} is not one of {', '.join(LM_EVAL_BACKENDS)}."
             )
-        for name in ("seq_len", "max_eval_blocks", "batch_size", "lm_eval_limit", "limit", "memory_limit_mb"):
+        for name in (
+            "seq_len", "max_eval_blocks", "batch_size", "lm_eval_limit", "limit", "memory_limit_mb", "num_samples",
+            "max_new_tokens",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}.")
@@ -104,7 +132,26 @@ class EvalConfig:
                 raise ConfigError(EXECUTION_REFUSED)
             if len(self.task_list) != 1:
                 raise ConfigError(f"--completions scores one code task; --tasks is {self.tasks!r}: pass humaneval.")
-        _ = self.k_list  # raises on a malformed --pass_at_k
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}.")
+        ks = self.k_list  # raises on a malformed --pass_at_k
+        if self.completions is None and self.code_tasks:
+            if self.code_tasks != self.task_list:
+                raise ConfigError(
+                    f"--tasks {self.tasks!r} mixes a code task with others; run distily eval once with --tasks "
+                    f"{','.join(self.code_tasks)} and once with the rest (each writes its own distily_eval.json)."
+                )
+            if len(self.code_tasks) != 1:
+                raise ConfigError(f"--tasks {self.tasks!r}: pass one code task at a time.")
+            if not self.allow_code_execution:
+                raise ConfigError(GENERATION_REFUSED)
+            if ks and max(ks) > self.num_samples:
+                raise ConfigError(
+                    f"pass@{max(ks)} needs at least {max(ks)} samples of every task; --num_samples is "
+                    f"{self.num_samples}. Raise --num_samples (with --temperature > 0) or lower --pass_at_k."
+                )
 
     @property
     def k_list(self) -> list[int] | None:
@@ -118,6 +165,11 @@ class EvalConfig:
         if not ks or min(ks) < 1:
             raise ConfigError(f"--pass_at_k must list integers of at least 1, got {self.pass_at_k!r}.")
         return ks
+
+    @property
+    def code_tasks(self) -> list[str]:
+        """The tasks of ``--tasks`` that :mod:`distily.code_eval` generates and scores."""
+        return [task for task in self.task_list if task in CODE_TASK_NAMES]
 
     @property
     def task_list(self) -> list[str]:
