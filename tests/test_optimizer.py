@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM, TrainerCallback
+from transformers import LlamaForCausalLM
 
 from distily import ConfigError, DistillationConfig, DistillationTrainer, build_student
 from distily.bitnet import bitlinear_modules
 
 from .conftest import tiny_llama_config
-from .test_trainer import SEQ, random_blocks  # the same 16-token random blocks
+from .test_trainer import SEQ, StopAt, random_blocks  # the same random blocks and stop callback
 
 LATENT_RATE, PROJECTOR_RATE, RATE, WEIGHT_DECAY = 4e-3, 5e-3, 1e-3, 0.1
 OBJECTIVE = {"hidden_states": {"weight": 1.0, "projector": "mlp", "layer_mapper": "all"}}
@@ -101,15 +101,6 @@ def test_an_optimizer_from_outside_cannot_hold_the_trainers_groups(tmp_path):
         (LATENT_RATE, 0.5),
         (PROJECTOR_RATE, 0.5),
     ]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_with_latent_rate_and_projectors_gives_exactly_the_uninterrupted_weights(tmp_path):
