@@ -2,6 +2,7 @@
 
     ../shared/cpu-lock python benchmarks/humaneval.py                       # the embedded teacher's GGUF, llama.cpp
     ../shared/cpu-lock python benchmarks/humaneval.py --model RUN_DIR --limit 20
+    ../shared/cpu-lock python benchmarks/humaneval.py --backend transformers --prompt_format chat
 
 Runs `distily eval MODEL --tasks humaneval --allow_code_execution true` in a subprocess (the same command a user
 types), times it, and reads the `distily_eval.json` it wrote: problems, passed, pass@1, seconds per problem
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a run/model folder or a .gguf file (default: the teacher)")
     parser.add_argument("--backend", default="auto", help="--generation_backend of distily eval")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    parser.add_argument("--prompt_format", default="raw", choices=["raw", "chat"], help="raw or chat prompts")
     parser.add_argument("--output_dir", default=None, help="where distily eval writes (default: a temp folder)")
     args = parser.parse_args()
 
@@ -40,7 +42,8 @@ def main() -> int:
     output = Path(args.output_dir or tempfile.mkdtemp(prefix="distily-humaneval-"))
     command = [
         sys.executable, "-m", "distily.cli", "eval", str(model), "--tasks", "humaneval", "--allow_code_execution",
-        "true", "--generation_backend", args.backend, "--output_dir", str(output),
+        "true", "--generation_backend", args.backend, "--output_dir", str(output), "--prompt_format",
+        args.prompt_format,
     ]  # fmt: skip
     if args.limit:
         command += ["--limit", str(args.limit)]
@@ -50,10 +53,12 @@ def main() -> int:
     seconds = time.monotonic() - start
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     results = json.loads((output / "distily_eval.json").read_text())
+    results = results.get("code_eval", {}).get("humaneval", results)  # this run's details
     totals, problems = results["totals"], results["num_tasks"]
     report = {
         "model": str(model),
         "backend": results.get("generation", {}).get("backend", args.backend),
+        "prompt_format": args.prompt_format,
         "problems": problems,
         "pass@1": results["scores"]["humaneval"]["pass@1"],
         "totals": totals,
@@ -66,8 +71,9 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     print(
-        f"| {model.name} | {report['backend']} | {problems} | {report['pass@1']:.4f} | {seconds / 60:.1f} min | "
-        f"{report['seconds_per_problem']} s | {' '.join(load_before)} / {' '.join(load_after)} |"
+        f"| {model.name} | {report['backend']} | {args.prompt_format} | {problems} | {report['pass@1']:.4f} | "
+        f"{seconds / 60:.1f} min | {report['seconds_per_problem']} s | {' '.join(load_before)} / "
+        f"{' '.join(load_after)} |"
     )
     return 0
 

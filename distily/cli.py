@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .config import RUN_ARGUMENT_CLASSES, check_known_keys, load_yaml_file, run_parser, train_kwargs
 from .errors import ConfigError, DistilyError
@@ -232,10 +233,38 @@ def eval_command(argv: list[str]) -> int:
 
         print(summary_table(generate_and_score(model, config)), flush=True)
         return 0
+    if model.endswith(".gguf"):
+        return _evaluate_gguf(model, config)
     results = evaluate_model(model, config)
     for who, values in results.items():
         if who in ("student", "teacher"):
             print(f"{who}: {values}", flush=True)
+    return 0
+
+
+def _evaluate_gguf(model: str, config) -> int:
+    """``distily eval FILE.gguf --tasks perplexity``: the file's perplexity in llama.cpp on its run's eval split."""
+    from .evaluate_gguf import evaluate_gguf
+    from .run_folder import RunFolder
+
+    if config.task_list != ["perplexity"]:
+        raise ConfigError(
+            f"A .gguf MODEL is evaluated on --tasks perplexity (in llama.cpp) or humaneval; got {config.tasks!r}. "
+            "Run lm-eval tasks on the run folder instead."
+        )
+    entry = evaluate_gguf(
+        model,
+        RunFolder(config.run_dir) if config.run_dir else None,
+        output=config.output,
+        seq_len=config.seq_len,
+        max_eval_blocks=config.max_eval_blocks,
+    )
+    print(
+        f"{Path(model).name}: eval perplexity {entry['eval_ppl']:.4f} in llama.cpp, "
+        f"{entry['pytorch_ppl'] if entry['pytorch_ppl'] is None else round(entry['pytorch_ppl'], 4)} in PyTorch "
+        f"({entry['eval_blocks']} blocks of {entry['seq_len']} tokens of {entry['dataset']}).",
+        flush=True,
+    )
     return 0
 
 

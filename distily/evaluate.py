@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DataArguments, EvalConfig, TeacherArguments
-from .io import provenance, write_json_atomic
+from .evaluation_file import write_evaluation
+from .io import provenance
 from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,6 @@ def evaluate_model(model_dir: str | os.PathLike, config: EvalConfig) -> dict[str
             teacher, teacher_tokenizer, config, data_args, seq_len, device, resolve_teacher_path(teacher_name)
         )
     destination = Path(config.output) if config.output else run.evaluation_path
-    if destination.exists():
-        logger.warning("Replacing the previous evaluation in %s.", destination)
-    write_json_atomic(destination, output)
+    write_evaluation(destination, output)  # the file's other results (humaneval, GGUF perplexity) stay
     logger.info("Evaluation written to %s: %s", destination, json.dumps(output["student"]))
     return output

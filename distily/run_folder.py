@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import RUN_ARGUMENT_CLASSES, check_known_keys, config_to_dict, configs_from_dict, known_fields
 from .errors import ConfigError, ExportError
+from .evaluation_file import EVALUATION_FILE
 from .io import hardware, provenance, write_json_atomic, write_yaml_atomic
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class RunFolder:
 
     MANIFEST = "distily_run.json"
     CONFIG = "distily_config.yaml"
-    EVALUATION = "distily_eval.json"
+    EVALUATION = EVALUATION_FILE  # every evaluation adds to it: distily.evaluation_file
     TRAINER_STATE = "trainer_state.json"
     CHECKPOINT_PREFIX = "checkpoint-"
     ADAPTER_DIR = "adapter"

@@ -153,8 +153,10 @@ def test_three_problems_score_exactly_and_the_loop_dies_in_time(tmp_path):
     assert output["problems"]["t/1"]["samples"][0]["error"] == "AssertionError"
     loop = output["problems"]["t/2"]["samples"][0]
     assert timeout <= loop["duration"] < timeout + 2.0
-    written = json.loads((tmp_path / "distily_eval.json").read_text())  # beside the completions file
+    whole = json.loads((tmp_path / "distily_eval.json").read_text())  # beside the completions file
+    written = whole["code_eval"]["humaneval"]
     assert written["scores"] == output["scores"] and written["problems"] == output["problems"]
+    assert whole["tasks"] == ["humaneval"] and "student" not in whole  # no model made these completions
 
 
 @pytest.mark.parametrize("method", sorted({ISOLATION.method, "none"}))
@@ -331,8 +333,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["eval", "--tasks", "humaneval", "--task_file", str(tasks), "--completions", str(completions)]
     assert main([*argv, "--allow_code_execution", "true", "--timeout", "2", "--output_dir", str(out)]) == 0
-    result = json.loads((out / "distily_eval.json").read_text())
-    assert result["tasks"] == ["humaneval"] and result["num_tasks"] == 3 and result["num_samples"] == 3
+    whole = json.loads((out / "distily_eval.json").read_text())
+    result = whole["code_eval"]["humaneval"]
+    assert whole["tasks"] == ["humaneval"] and result["num_tasks"] == 3 and result["num_samples"] == 3
     assert result["scores"] == {"humaneval": {"pass@1": 1 / 3}}
     assert {task_id: (p["n"], p[PASSED], p[FAILED], p[TIMED_OUT]) for task_id, p in result["problems"].items()} == {
         "t/0": (1, 1, 0, 0),

@@ -49,6 +49,61 @@ def test_sample_seeds_are_stable_and_distinct():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# prompt formats
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_prompt_quotes_the_task_and_prefills_the_answer_with_fence_and_prompt():
+    from distily.code_eval.prompts import chat_prompt, extra_stops, prompt_builder
+
+    task = Task("t/0", 'def add(a, b):\n    """Sum."""\n', "", "add")
+    seen = []
+
+    def render(messages):
+        seen.append(messages)
+        return "<RENDERED>"
+
+    expected_user = (
+        "Complete the following python function. Reply with the whole function in one code block.\n"
+        '```python\ndef add(a, b):\n    """Sum."""\n```'
+    )
+    assert chat_prompt(task, render) == '<RENDERED>```python\ndef add(a, b):\n    """Sum."""\n'
+    assert seen == [[{"role": "user", "content": expected_user}]]
+    assert prompt_builder("raw", None)(task) == task.prompt
+    assert extra_stops("raw") == () and "\n```" in extra_stops("chat")
+    with pytest.raises(ConfigError, match="--prompt_format raw"):
+        prompt_builder("chat", None)
+    with pytest.raises(ConfigError, match="not one of raw, chat"):
+        EvalConfig(tasks="humaneval", allow_code_execution=True, prompt_format="instruct")
+
+
+def test_chat_format_renders_the_tokenizers_template_and_stops_at_the_closing_fence():
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    backend = TransformersBackend(model, tokenizer, "cpu", progress=False, prompt_format="chat")
+    task = Task("t/0", "def f():\n", "", "f")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    )
+    assert rendered.startswith("<|im_start|>user\nx<|im_end|>")
+    prompt = backend.prompt_of(task)
+    assert prompt.endswith("<|im_start|>assistant\n```python\ndef f():\n") and "Complete the following" in prompt
+    assert backend.extra_stops and "\n```" in backend.extra_stops
+    # the closing fence cuts a completion exactly as a stop sequence of the language does
+    assert truncate_at_stop("    return 1\n```\nThis function", STOP_SEQUENCES["python"] + backend.extra_stops) == (
+        "    return 1"
+    )
+    with pytest.raises(ConfigError, match="has none"):
+        TransformersBackend(model, make_tiny_tokenizer(), "cpu", progress=False, prompt_format="chat")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # transformers
 
 
@@ -129,8 +184,10 @@ def test_a_correct_model_scores_pass_at_1_of_one(tmp_path, canonical_backend, ca
     assert main([*argv, "--generation_backend", canonical_backend, "--output_dir", str(out)]) == 0
     lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert lines == [{"task_id": key, "completion": value} for key, value in CANONICAL.items()]
-    result = json.loads((out / "distily_eval.json").read_text())
+    whole = json.loads((out / "distily_eval.json").read_text())
+    result = whole["code_eval"]["humaneval"]
     assert result["scores"] == {"humaneval": {"pass@1": 1.0}} and result["totals"]["passed"] == 3
+    assert whole["student"] == {"tasks": {"humaneval": {"pass@1": 1.0}}}  # what the card and sweeps read
     assert result["generation"]["backend"] == "canonical" and result["generation"]["num_samples"] == 1
     assert "humaneval pass@1 = 1.0000" in capsys.readouterr().out
     # several samples, pass@k up to num_samples; no --output_dir: the model's folder
@@ -150,7 +207,7 @@ def test_a_correct_model_scores_pass_at_1_of_one(tmp_path, canonical_backend, ca
         )
         == 0
     )
-    result = json.loads((model / "distily_eval.json").read_text())
+    result = json.loads((model / "distily_eval.json").read_text())["code_eval"]["humaneval"]
     assert result["scores"] == {"humaneval": {"pass@1": 1.0, "pass@2": 1.0}} and result["num_samples"] == 4
     assert len((model / "completions.jsonl").read_text().splitlines()) == 4
 
@@ -173,7 +230,7 @@ def test_a_tiny_random_llama_end_to_end_through_transformers(tiny_model_dir, tmp
     assert main([*argv, *flags]) == 0
     lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert [line["task_id"] for line in lines] == ["t/0", "t/0", "t/1", "t/1", "t/2", "t/2"]
-    result = json.loads((out / "distily_eval.json").read_text())
+    result = json.loads((out / "distily_eval.json").read_text())["code_eval"]["humaneval"]
     assert result["num_tasks"] == 3 and result["num_samples"] == 6
     assert result["scores"] == {"humaneval": {"pass@1": 0.0, "pass@2": 0.0}}  # random weights write no code
     assert result["totals"] == {"passed": 0, "failed": 6, "timed_out": 0}
@@ -205,6 +262,7 @@ def test_llama_cpp_greedy_text_equals_transformers(tmp_path):
 
     del llama_cpp
     tokenizer = make_byte_bpe_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE  # exported into the GGUF, rendered by llama.cpp's side below
     torch.manual_seed(0)
     model = trained(LlamaForCausalLM(tiny_llama_config(vocab_size=BYTE_VOCAB)), tokenizer)
     folder = tmp_path / "student"
@@ -221,12 +279,24 @@ def test_llama_cpp_greedy_text_equals_transformers(tmp_path):
         assert torch_text  # the trained model continues its text
     finally:
         backend.close()
+    # --prompt_format chat: the GGUF's template rendered by llama.cpp's side is transformers' rendering
+    task = Task("t/0", TEXT[:40], "", "f")
+    torch_chat = TransformersBackend(model, tokenizer, "cpu", progress=False, prompt_format="chat")
+    chat = LlamaCppBackend(str(path), progress=False, prompt_format="chat")
+    try:
+        assert chat.prompt_of(task) == torch_chat.prompt_of(task)
+        assert chat.prompt_of(task).endswith("<|im_start|>assistant\n```python\n" + TEXT[:40])
+        tokens = chat.llm.tokenize(chat.prompt_of(task).encode(), add_bos=False, special=True)
+        hf_tokens = tokenizer(chat.prompt_of(task), add_special_tokens=False)["input_ids"]
+        assert tokens == hf_tokens
+    finally:
+        chat.close()
 
     # and through the CLI: a .gguf MODEL goes to llama_cpp (auto) and the results go beside it
     tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
     argv = ["eval", str(path), "--tasks", "humaneval", "--task_file", str(tasks), "--allow_code_execution", "true"]
     assert main([*argv, "--max_new_tokens", "16", "--limit", "1"]) == 0
-    result = json.loads((tmp_path / "distily_eval.json").read_text())
+    result = json.loads((tmp_path / "distily_eval.json").read_text())["code_eval"]["humaneval"]
     assert result["generation"]["backend"] == "llama_cpp" and result["num_samples"] == 1
     assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 1
 

@@ -475,6 +475,40 @@ def test_card_reads_back_with_huggingface_hub_and_its_eval_results(exported_run,
     assert [[m["type"] for m in r["metrics"]] for r in results] == [["perplexity"], ["acc", "acc_norm"], ["acc"]]
 
 
+def test_gguf_perplexity_in_llama_cpp_on_the_runs_eval_split(exported_run, tmp_path, capsys):
+    """The export measures its GGUF file in llama.cpp on the run's eval blocks; `distily eval FILE.gguf` does the
+    same for any GGUF of the run. Both land in the run's distily_eval.json beside the PyTorch perplexity."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    after = json.loads((exported_run / "eval_results.json").read_text())
+    entry = json.loads((exported_run / "distily_eval.json").read_text())["gguf"]["out-f16.gguf"]
+    assert entry["file"] == str((exported_run / "export" / "out-f16.gguf").resolve())  # the final path, not tmp
+    assert entry["pytorch_ppl"] == after["eval_student_ppl"] and entry["eval_tokens"] == after["eval_tokens"]
+    # f16 weights and llama.cpp's f16 KV cache: the same model up to half-precision rounding of the logits
+    assert entry["eval_ppl"] == pytest.approx(after["eval_student_ppl"], rel=1e-2)
+    card = (exported_run / "export" / "README.md").read_text()
+    assert "`out-f16.gguf` in llama.cpp" in card and f"{entry['eval_ppl']:,.4f}" in card
+
+    # an f32 file elsewhere, measured through the CLI with --run_dir: the exact mapping, so far closer
+    f32 = tmp_path / "elsewhere" / "student-f32.gguf"
+    assert main(["export", str(exported_run), "--format", "gguf", "--outtype", "f32", "--output", str(f32)]) == 0
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(f32), "--tasks", "perplexity", "--run_dir", str(exported_run), "--output", str(out)]
+    assert main(argv) == 0
+    measured = json.loads(out.read_text())["gguf"]["student-f32.gguf"]
+    assert measured["eval_ppl"] == pytest.approx(after["eval_student_ppl"], rel=1e-3)
+    assert (
+        abs(measured["eval_ppl"] / after["eval_student_ppl"] - 1)
+        < abs(entry["eval_ppl"] / after["eval_student_ppl"] - 1) + 1e-4
+    )
+    assert "in llama.cpp" in capsys.readouterr().out
+    # a GGUF file outside any run, without --run_dir: there is no eval split to measure it on
+    assert main(["eval", str(f32), "--tasks", "perplexity"]) == 2
+    assert "--run_dir" in capsys.readouterr().err
+    assert main(["eval", str(f32), "--tasks", "hellaswag", "--run_dir", str(exported_run)]) == 2
+    assert "--tasks perplexity" in capsys.readouterr().err
+    assert sorted(p.name for p in f32.parent.iterdir()) == ["student-f32.gguf"]  # nothing written beside it
+
+
 def test_gguf_export_writes_the_pre_tokenizer_the_run_recorded(exported_run, tmp_path, monkeypatch):
     """The run records its GGUF teacher's pre-tokenizer name; the export reads it from the run folder and never
     looks the teacher up (here it could not: resolving any teacher fails)."""

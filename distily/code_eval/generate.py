@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .prompts import ChatRenderer, extra_stops, prompt_builder
 from .schema import Completion, Task
 
 if TYPE_CHECKING:
@@ -101,7 +102,16 @@ class TransformersBackend:
     depend on which other tasks were selected.
     """
 
-    def __init__(self, model, tokenizer, device=None, batch_size: int = 8, top_p: float = 0.95, progress=True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device=None,
+        batch_size: int = 8,
+        top_p: float = 0.95,
+        progress=True,
+        prompt_format: str = "raw",
+    ):
         import torch
 
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -113,6 +123,13 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.top_p = top_p
         self.progress = progress
+        self.prompt_of = prompt_builder(prompt_format, self._chat_renderer())
+        self.extra_stops = extra_stops(prompt_format)
+
+    def _chat_renderer(self) -> ChatRenderer | None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return lambda messages: self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def generate(
         self, tasks: Sequence[Task], num_samples: int, temperature: float, max_new_tokens: int, seed: int
@@ -122,7 +139,7 @@ class TransformersBackend:
         if temperature == 0:
             for start in range(0, len(tasks), self.batch_size):
                 batch = list(tasks[start : start + self.batch_size])
-                texts = self.complete([t.prompt for t in batch], [t.language for t in batch], max_new_tokens)
+                texts = self.complete([self.prompt_of(t) for t in batch], [t.language for t in batch], max_new_tokens)
                 for task, text in zip(batch, texts, strict=True):
                     out.extend([(task.task_id, text)] * num_samples)
                 bar.update(len(batch))
@@ -131,9 +148,8 @@ class TransformersBackend:
                 for first in range(0, num_samples, self.batch_size):
                     rows = min(self.batch_size, num_samples - first)
                     generator_seed = sample_seed(seed, task.task_id, first)
-                    texts = self.complete(
-                        [task.prompt] * rows, [task.language] * rows, max_new_tokens, temperature, generator_seed
-                    )
+                    prompts, languages = [self.prompt_of(task)] * rows, [task.language] * rows
+                    texts = self.complete(prompts, languages, max_new_tokens, temperature, generator_seed)
                     out.extend((task.task_id, text) for text in texts)
                 bar.update(1)
         bar.close()
@@ -151,9 +167,12 @@ class TransformersBackend:
         import torch
         from transformers import GenerationConfig, StoppingCriteriaList
 
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        # A chat prompt is rendered text that already holds the template's special tokens: no second BOS.
+        encoded = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=not self.extra_stops
+        ).to(self.device)
         width = encoded["input_ids"].shape[1]
-        stops = [stop_sequences(language) for language in languages]
+        stops = [stop_sequences(language) + self.extra_stops for language in languages]
         eos = self.tokenizer.eos_token_id
         sampling = dict(temperature=temperature, top_p=self.top_p, top_k=0) if temperature else {}
         config = GenerationConfig(
@@ -198,14 +217,23 @@ def load_transformers(model: str, config: EvalConfig) -> TransformersBackend:
 
     from ..run_folder import RunFolder
 
-    if not Path(model).is_dir():
-        raise ConfigError(
-            f"{model!r} is not a folder: --generation_backend transformers needs a run or model folder "
-            "(a .gguf file runs with --generation_backend llama_cpp)."
-        )
-    student, tokenizer = RunFolder(model).load_student()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return TransformersBackend(student, tokenizer, device, config.batch_size, config.top_p)
+    if Path(model).is_file() and str(model).endswith(".gguf"):
+        from ..teacher.loading import load_teacher
+
+        # transformers dequantises the GGUF's tensors to float: the same weights as llama.cpp's, in another
+        # arithmetic (llama.cpp multiplies quantised blocks), so greedy texts may part after a near-tie.
+        student, tokenizer = load_teacher(str(model), dtype="float32", device=device)
+    elif Path(model).is_dir():
+        student, tokenizer = RunFolder(model).load_student()
+    else:
+        raise ConfigError(
+            f"{model!r} is neither a folder nor a .gguf file: --generation_backend transformers needs a run or "
+            "model folder, or a GGUF file that transformers dequantises."
+        )
+    return TransformersBackend(
+        student, tokenizer, device, config.batch_size, config.top_p, prompt_format=config.prompt_format
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +244,9 @@ class LlamaCppBackend:
     """A GGUF file in llama-cpp-python: one ``create_completion`` per sample, seeded per sample, greedy at
     temperature 0 (llama.cpp's greedy sampler), else top-p sampling without top-k or min-p."""
 
-    def __init__(self, model_path: str, n_ctx: int = 0, top_p: float = 0.95, progress: bool = True):
+    def __init__(
+        self, model_path: str, n_ctx: int = 0, top_p: float = 0.95, progress: bool = True, prompt_format: str = "raw"
+    ):
         try:
             import llama_cpp
         except ImportError as err:
@@ -227,13 +257,30 @@ class LlamaCppBackend:
         self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, verbose=False)
         self.top_p = top_p
         self.progress = progress
+        self.prompt_of = prompt_builder(prompt_format, self._chat_renderer() if prompt_format == "chat" else None)
+        self.extra_stops = extra_stops(prompt_format)
+
+    def _chat_renderer(self) -> ChatRenderer | None:
+        """The GGUF file's own chat template (``tokenizer.chat_template``), rendered as transformers does."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        formatter = Jinja2ChatFormatter(
+            template,
+            eos_token=self.llm.detokenize([self.llm.token_eos()]).decode("utf-8", "replace"),
+            bos_token=self.llm.detokenize([self.llm.token_bos()]).decode("utf-8", "replace"),
+        )
+        return lambda messages: formatter(messages=messages).prompt
 
     def complete(self, prompt: str, language: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0):
+        stops = stop_sequences(language) + self.extra_stops
         result = self.llm.create_completion(
             prompt, max_tokens=max_new_tokens, temperature=temperature, top_p=self.top_p, top_k=0, min_p=0.0,
-            repeat_penalty=1.0, stop=list(stop_sequences(language)), seed=seed,
+            repeat_penalty=1.0, stop=list(stops), seed=seed,
         )  # fmt: skip
-        return truncate_at_stop(result["choices"][0]["text"], stop_sequences(language))
+        return truncate_at_stop(result["choices"][0]["text"], stops)
 
     def generate(
         self, tasks: Sequence[Task], num_samples: int, temperature: float, max_new_tokens: int, seed: int
@@ -241,14 +288,13 @@ class LlamaCppBackend:
         out: list[tuple[str, str]] = []
         for task in tqdm(tasks, unit="task", desc="Generating", disable=not self.progress):
             if temperature == 0:
-                text = self.complete(task.prompt, task.language, max_new_tokens)
+                text = self.complete(self.prompt_of(task), task.language, max_new_tokens)
                 out.extend([(task.task_id, text)] * num_samples)
                 continue
             for index in range(num_samples):
                 sample = sample_seed(seed, task.task_id, index)
-                out.append(
-                    (task.task_id, self.complete(task.prompt, task.language, max_new_tokens, temperature, sample))
-                )
+                text = self.complete(self.prompt_of(task), task.language, max_new_tokens, temperature, sample)
+                out.append((task.task_id, text))
         return _numbered(out)
 
     def close(self) -> None:
@@ -260,7 +306,7 @@ def load_llama_cpp(model: str, config: EvalConfig) -> LlamaCppBackend:
     """A ``.gguf`` file; its context is the length it was trained with (``n_ctx=0``)."""
     if not (Path(model).is_file() and str(model).endswith(".gguf")):
         raise ConfigError(f"{model!r} is not a .gguf file: --generation_backend llama_cpp runs a GGUF export.")
-    return LlamaCppBackend(model, n_ctx=0, top_p=config.top_p)
+    return LlamaCppBackend(model, n_ctx=0, top_p=config.top_p, prompt_format=config.prompt_format)
 
 
 # ----------------------------------------------------------------------------------------------------------------

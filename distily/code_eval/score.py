@@ -2,7 +2,9 @@
 
 ``distily eval --tasks humaneval --completions samples.jsonl --allow_code_execution true`` calls
 :func:`score_completions`; no model is loaded. Results go to ``distily_eval.json`` in ``--output_dir``, or beside
-the completions file when no ``--output_dir`` is given.
+the completions file when no ``--output_dir`` is given: its ``code_eval.<task>`` entry holds every problem's
+results (:mod:`distily.evaluation_file`; the file's other results stay). When distily generated the completions
+with a model, the scores are also that model's ``student.tasks.<task>``, which the model card and sweeps read.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ..config.eval import EXECUTION_REFUSED, EvalConfig
 from ..errors import ConfigError, TaskFileError
-from ..io import provenance, write_json_atomic, write_text_atomic
-from ..run_folder import RunFolder
+from ..evaluation_file import EVALUATION_FILE, write_evaluation
+from ..io import provenance, write_text_atomic
 from .executors import EXECUTORS, Program
 from .generate import GENERATION_BACKENDS, resolve_generation_backend
 from .metrics import default_ks, mean_pass_at_k
@@ -30,7 +32,7 @@ from .tasks import load_completions, load_tasks, task_file
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILE = RunFolder.EVALUATION
+EVAL_FILE = EVALUATION_FILE
 COMPLETIONS_FILE = "completions.jsonl"
 
 
@@ -62,8 +64,12 @@ def score_completions(
     workers: int | None = None,
     progress: bool = True,
     generation: dict[str, Any] | None = None,
+    model_section: str | None = None,
 ) -> dict[str, Any]:
     """Run every completion against its task's tests; write and return the results (``distily_eval.json``).
+
+    ``model_section`` (``"student"``): the completions are that model's, so its scores go into the file's
+    ``<model_section>.tasks`` too.
 
     Everything is checked before any code runs: the consent, the files, each completion's task, the executors
     (a missing toolchain) and that every task has at least ``max(ks)`` samples.
@@ -112,10 +118,11 @@ def score_completions(
     }
     if generation is not None:
         output["generation"] = generation  # how the completions were made, when distily made them
-    if destination.exists():
-        logger.warning("Replacing the previous evaluation in %s.", destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(destination, output)
+    details = {key: value for key, value in output.items() if key != "tasks"}
+    record: dict[str, Any] = {**provenance(), "tasks": [task], "code_eval": {task: details}}
+    if model_section is not None:
+        record[model_section] = {"tasks": {task: scores}}
+    write_evaluation(destination, record)
     output["output_file"] = str(destination)
     return output
 
@@ -181,11 +188,11 @@ def generate_and_score(model: str | os.PathLike, config: EvalConfig, progress: b
     output = score_completions(
         destination, task=task, task_file_path=path, allow_code_execution=True, limit=config.limit,
         timeout=config.timeout, memory_mb=config.memory_limit_mb, ks=config.k_list, output_dir=out_dir,
-        progress=progress,
+        progress=progress, model_section="student",
         generation={
             "model": str(Path(model).resolve()), "backend": backend_name, "num_samples": config.num_samples,
             "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-            "seed": config.seed,
+            "seed": config.seed, "prompt_format": config.prompt_format,
         },
     )  # fmt: skip
     return output

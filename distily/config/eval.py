@@ -110,6 +110,22 @@ class EvalConfig:
     top_p: float = field(default=0.95, metadata={"help": "humaneval: nucleus sampling's p (when temperature > 0)."})
     max_new_tokens: int = field(default=512, metadata={"help": "humaneval: at most this many tokens per completion."})
     seed: int = field(default=0, metadata={"help": "humaneval: seed of the sampling (a rerun draws the same samples)."})
+    run_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "perplexity of a .gguf MODEL: the run whose eval split, tokenizer and seq_len it is measured on "
+            "(default: the run folder the file is in, or the one above its export/ folder)."
+        },
+    )
+    prompt_format: str = field(
+        default="raw",
+        metadata={
+            "help": "humaneval: raw (the benchmark's own prompt, for base models) or chat (for instruct models: "
+            "the prompt inside the model's chat template, the answer pre-filled with a code fence and the "
+            "prompt; see docs/code_eval.md).",
+            "choices": ["raw", "chat"],
+        },
+    )
 
     def __post_init__(self):
         if not self.task_list:
@@ -134,6 +150,8 @@ class EvalConfig:
                 raise ConfigError(f"--completions scores one code task; --tasks is {self.tasks!r}: pass humaneval.")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
+        if self.prompt_format not in ("raw", "chat"):
+            raise ConfigError(f"--prompt_format {self.prompt_format!r} is not one of raw, chat.")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}.")
         ks = self.k_list  # raises on a malformed --pass_at_k

@@ -51,6 +51,7 @@ class ExportResult:
     card: Path | None = None
     gguf_tokenizer_pre: str | None = None
     gguf_sizes: dict | None = None
+    gguf_perplexity: dict | None = None  # the GGUF file's eval perplexity in llama.cpp, when it was measured
     hub_url: str | None = None
 
 
@@ -200,6 +201,7 @@ def export(
         result.files["gguf"] = [output]
         result.gguf_tokenizer_pre = report.tokenizer_pre
         logger.info("Wrote %s (%s).", output, outtypes["gguf"])
+        result.gguf_perplexity = measure_gguf(run, output, output)
         return result
 
     student_config = model.config.to_dict()
@@ -224,6 +226,8 @@ def export(
             files["gguf"] = [gguf_path]
             result.gguf_tokenizer_pre = report.tokenizer_pre
             result.gguf_sizes = gguf_sizes(report, fp16_student_bytes)
+            # Before the card, which shows it: recorded under the file's final path.
+            result.gguf_perplexity = measure_gguf(run, gguf_path, output / gguf_path.name)
         if "safetensors" in formats:
             from .safetensors import write_safetensors
 
@@ -259,6 +263,22 @@ def export(
 
         result.hub_url = push(output, hub_model_id, private=hub_private, token=hub_token)
     return result
+
+
+def measure_gguf(run: RunFolder, path: Path, final_path: Path) -> dict | None:
+    """The GGUF file's eval perplexity in llama.cpp (:mod:`distily.evaluate_gguf`), recorded in the run's
+    ``distily_eval.json``; None, with a log line saying why, when llama-cpp-python is missing or the folder is
+    not a run with an eval split."""
+    import importlib.util
+
+    if not run.config_path.is_file():
+        return None
+    if importlib.util.find_spec("llama_cpp") is None:
+        logger.info("Not measuring the GGUF file's perplexity in llama.cpp: pip install llama-cpp-python to do so.")
+        return None
+    from ..evaluate_gguf import evaluate_gguf
+
+    return evaluate_gguf(path, run, recorded_as=final_path)
 
 
 def _fp16_bytes(model) -> int:

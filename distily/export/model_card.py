@@ -218,6 +218,22 @@ def _looks_like_hub_dataset(name: str | None) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "," not in name
 
 
+HARNESS_SOURCE = {
+    "source_name": "distily eval (lm-evaluation-harness)",
+    "source_url": "https://github.com/EleutherAI/lm-evaluation-harness",
+}
+# Code tasks scored by distily.code_eval: the Hub's dataset id and metric names (as on its leaderboards).
+CODE_TASK_SOURCES = {
+    "humaneval": {
+        "dataset_type": "openai/openai_humaneval",
+        "dataset_name": "HumanEval",
+        "metric_name": {"pass@1": "pass@1", "pass@10": "pass@10", "pass@100": "pass@100"},
+        "source_name": "distily eval (human-eval problems, sandboxed execution)",
+        "source_url": "https://github.com/openai/human-eval",
+    },
+}
+
+
 def card_data(context: dict):
     """The card's metadata (licence, base_model, datasets, tags, ``model-index``) as ``huggingface_hub``'s
     ``ModelCardData``: the eval perplexity and each harness score is one ``EvalResult``."""
@@ -241,16 +257,18 @@ def card_data(context: dict):
             )
         )
     for row in context["benchmarks"]["rows"]:
+        source = CODE_TASK_SOURCES.get(row["task"], HARNESS_SOURCE)
         results.append(
             EvalResult(
                 task_type="text-generation",
                 task_name="Text Generation",
-                dataset_type=row["task"],
-                dataset_name=row["task"],
+                dataset_type=source.get("dataset_type", row["task"]),
+                dataset_name=source.get("dataset_name", row["task"]),
                 metric_type=row["metric"],
+                metric_name=source.get("metric_name", {}).get(row["metric"]),
                 metric_value=round(float(row["student"]), 4),
-                source_name="distily eval (lm-evaluation-harness)",
-                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+                source_name=source["source_name"],
+                source_url=source["source_url"],
             )
         )
     return ModelCardData(
@@ -364,6 +382,11 @@ def card_context(
         "eval_dataset_name": eval_dataset_name,
         "benchmarks": _benchmarks(evaluation),
         "evaluation_perplexity": evaluation.get("student", {}).get("perplexity"),
+        "gguf_perplexity": [
+            {**evaluation["gguf"][path.name], "file": path.name}
+            for path in exported_files.get("gguf", [])
+            if path.name in evaluation.get("gguf", {})
+        ],
         "train": train,
         "global_step": manifest.get("global_step") or state.get("global_step"),
         "wall_time": manifest.get("wall_time_seconds"),
