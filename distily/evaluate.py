@@ -87,8 +87,14 @@ def lm_eval_arguments(
     limit: int | None = None,
     num_fewshot: int | None = None,
     gguf_file: str | None = None,
+    allow_code_execution: bool = False,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``lm_eval.simple_evaluate`` for one model (the testable part of the harness call)."""
+    """Keyword arguments of ``lm_eval.simple_evaluate`` for one model (the testable part of the harness call).
+
+    ``allow_code_execution`` (``--allow_code_execution``) is passed on as lm-eval's ``confirm_run_unsafe_code``,
+    which its code tasks (``mbpp``, ``humaneval_plus``, ...) require; lm-eval runs their code itself, outside
+    distily's sandbox.
+    """
     backend = resolve_backend(backend, device)
     model_args: dict[str, Any] = {"pretrained": model_path}
     if gguf_file:
@@ -104,6 +110,7 @@ def lm_eval_arguments(
         "batch_size": batch_size,
         "limit": limit,
         "num_fewshot": num_fewshot,
+        "confirm_run_unsafe_code": allow_code_execution,
     }
     if backend == "hf":
         arguments["device"] = str(device)
@@ -181,7 +188,7 @@ def _evaluate_one(model, tokenizer, config: EvalConfig, data_args: DataArguments
         path, gguf_file = lm_eval_target
         arguments = lm_eval_arguments(
             path, harness, config.lm_eval_backend, device, config.batch_size, config.lm_eval_limit,
-            config.num_fewshot, gguf_file,
+            config.num_fewshot, gguf_file, config.allow_code_execution,
         )  # fmt: skip
         results["tasks"] = run_lm_eval(arguments)
     return results

@@ -53,8 +53,11 @@ def test_lm_eval_backend_is_vllm_only_on_cuda_with_vllm(monkeypatch):
         "batch_size": 4,
         "limit": 10,
         "num_fewshot": None,
+        "confirm_run_unsafe_code": False,
         "device": "cpu",
     }
+    unsafe = lm_eval_arguments("runs/x", ["mbpp"], "hf", cpu, allow_code_execution=True)
+    assert unsafe["confirm_run_unsafe_code"] is True  # lm-eval's code tasks refuse to run without it
     # On a CUDA machine with vLLM installed, auto picks vLLM (never run here: no GPU; this checks the choice).
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "vllm" else real_find_spec(name))

@@ -78,7 +78,11 @@ class EvalConfig:
         },
     )
     allow_code_execution: bool = field(
-        default=False, metadata={"help": "Consent to run model-written code for humaneval (in a sandbox)."}
+        default=False,
+        metadata={
+            "help": "Consent to run model-written code: humaneval (in distily's sandbox) and lm-eval's code tasks "
+            "(passed on as its confirm_run_unsafe_code; lm-eval runs them itself)."
+        },
     )
     limit: int | None = field(default=None, metadata={"help": "humaneval: generate and score only the first N tasks."})
     timeout: float = field(default=10.0, metadata={"help": "humaneval: wall-clock seconds per sample."})
