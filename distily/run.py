@@ -23,6 +23,7 @@ from .config import (
     DistillationConfig,
     ExportArguments,
     PeftArguments,
+    RunEvalArguments,
     StudentArguments,
     TeacherArguments,
 )
@@ -48,6 +49,7 @@ class RunResult:
     train_metrics: dict[str, float] = field(default_factory=dict)
     trainer: Any = None
     export: Any = None  # distily.export.ExportResult when --export was given
+    task_metrics: dict[str, float] = field(default_factory=dict)  # --eval_tasks: {"humaneval_pass@1": ...}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,6 +152,7 @@ def train(
     callbacks: list | None = None,
     loaded_teacher: tuple | None = None,
     export_args: ExportArguments | None = None,
+    eval_args: RunEvalArguments | None = None,
 ) -> RunResult:
     """Distil ``teacher_args.teacher`` into a student built from it (or the pretrained ``student_args.student``,
     with LoRA/DoRA adapters when ``peft_args`` enables them), on ``data_args.dataset``.
@@ -162,7 +165,8 @@ def train(
     ``callbacks`` are extra ``TrainerCallback``s (a sweep's pruning callback). ``loaded_teacher`` is a
     ``(model, tokenizer)`` pair already loaded from ``teacher_args`` (the teacher is frozen and never modified,
     so a sweep worker loads it once and reuses it for every trial). With ``export_args.export`` set, the
-    finished run is then exported (see :func:`export_run`).
+    finished run is then exported (see :func:`export_run`). With ``eval_args.eval_tasks`` set, the saved
+    student is first evaluated on those benchmarks (:mod:`distily.run_eval`), so the card shows them.
     """
     from transformers import set_seed
 
@@ -174,6 +178,11 @@ def train(
 
     peft_args = peft_args if peft_args is not None else PeftArguments()
     export_args = export_args if export_args is not None else ExportArguments()
+    eval_args = eval_args if eval_args is not None else RunEvalArguments()
+    if eval_args.task_list:
+        from .run_eval import check_run_eval
+
+        check_run_eval(eval_args)
 
     output_dir = Path(config.output_dir)
     run = RunFolder(output_dir)
@@ -275,7 +284,7 @@ def train(
     )
     if is_main:
         run.write_manifest(manifest)
-        run.write_config(teacher_args, student_args, peft_args, data_args, config, export_args)
+        run.write_config(teacher_args, student_args, peft_args, data_args, config, export_args, eval_args)
     trainer.accelerator.wait_for_everyone()
 
     try:
@@ -300,6 +309,11 @@ def train(
         print("\n" + summary_table(result.metrics_before, result.metrics_after), flush=True)
         print(steps_line(trainer.state.global_step, trainer.state.max_steps, budget), flush=True)
         print(f"Student saved to {output_dir}", flush=True)
+        if eval_args.task_list:
+            from .run_eval import evaluate_run
+
+            with phases.phase("evaluate tasks"):
+                result.task_metrics = evaluate_run(output_dir, eval_args, "cpu" if config.use_cpu else None)
         if export_args.formats:
             with phases.phase("export"):
                 result.export = export_run(output_dir, export_args, config)

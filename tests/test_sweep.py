@@ -157,6 +157,23 @@ def test_geometric_mean_objective_reports_the_arithmetic_mean_too():
     assert combine(multi, {"eval_student_ppl": 4.0, "student_parameters": 100}) == ([4.0, 100.0], {})
 
 
+def test_a_pass_rate_enters_a_minimised_geometric_mean_as_its_failure_rate():
+    fixed = {"teacher": "gpt2", "eval_tasks": "humaneval", "allow_code_execution": True}
+    space = {"alpha": {"low": 0.5, "high": 1.0}}
+    sweep = SweepConfig(fixed=fixed, search_space=space, metrics=["humaneval_pass@1", "eval_student_ppl"])
+    values, reported = combine(sweep, {"humaneval_pass@1": 0.2, "eval_student_ppl": 20.0})
+    assert values == [pytest.approx(math.sqrt(0.8 * 20.0))]  # (1 - 0.2) and 20, both better lower
+    assert reported["arithmetic_mean"] == pytest.approx((0.8 + 20.0) / 2)
+    # a better pass rate at the same perplexity is a lower objective
+    assert combine(sweep, {"humaneval_pass@1": 0.5, "eval_student_ppl": 20.0})[0][0] < values[0]
+    alone = SweepConfig(fixed=fixed, search_space=space, metrics=["humaneval_pass@1"], direction="maximize")
+    assert combine(alone, {"humaneval_pass@1": 0.25})[0] == [pytest.approx(0.25)]  # maximised as it is
+    with pytest.raises(ConfigError, match="add eval_tasks: humaneval and allow_code_execution: true"):
+        SweepConfig(fixed={"teacher": "gpt2"}, search_space=space, metrics=["humaneval_pass@1"])
+    with pytest.raises(ConfigError, match="is not something a run reports"):
+        SweepConfig(fixed=fixed, search_space=space, metrics=["humaneval_pass@0"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: a clear error before any trial starts (and before the sweep folder exists)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .data import DataArguments
-from .eval import LM_EVAL_BACKENDS, EvalConfig
+from .eval import LM_EVAL_BACKENDS, EvalConfig, RunEvalArguments
 from .export import EXPORT_FORMATS, ExportArguments, ExportConfig, parse_formats
 from .namespace import (
     RUN_ARGUMENT_CLASSES,
@@ -70,6 +70,7 @@ __all__ = [
     "ExportConfig",
     "ObjectiveComponent",
     "PeftArguments",
+    "RunEvalArguments",
     "StudentArguments",
     "TeacherArguments",
     "check_known_keys",

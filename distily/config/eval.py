@@ -196,3 +196,85 @@ class EvalConfig:
     @property
     def task_list(self) -> list[str]:
         return [task.strip() for task in str(self.tasks).split(",") if task.strip()]
+
+
+@dataclass
+class RunEvalArguments:
+    """Benchmarks a run evaluates its student on when training ends (``--eval_tasks humaneval``).
+
+    Results go to the run's ``distily_eval.json`` (:mod:`distily.evaluation_file`), onto the model card of its
+    export and, as ``<task>_<metric>`` (``humaneval_pass@1``), into the metrics a sweep can optimise.
+    """
+
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated tasks to evaluate the student on when training ends: humaneval (generated "
+            "and run in distily's sandbox; needs --allow_code_execution true) and lm-evaluation-harness task "
+            "names (pip install 'distily[eval]')."
+        },
+    )
+    allow_code_execution: bool = field(
+        default=False, metadata={"help": "Consent to run the student's code for --eval_tasks humaneval (sandboxed)."}
+    )
+    eval_tasks_limit: int | None = field(
+        default=None, metadata={"help": "--eval_tasks: at most this many problems (examples) per task."}
+    )
+    eval_max_new_tokens: int = field(
+        default=512, metadata={"help": "--eval_tasks humaneval: at most this many tokens per completion."}
+    )
+    eval_prompt_format: str = field(
+        default="raw",
+        metadata={
+            "help": "--eval_tasks humaneval: raw or chat prompts (see distily eval --prompt_format).",
+            "choices": ["raw", "chat"],
+        },
+    )
+
+    def __post_init__(self):
+        tasks = self.task_list
+        if self.eval_tasks is not None and not tasks:
+            self.eval_tasks = None
+        code = [task for task in tasks if task in CODE_TASK_NAMES]
+        if code and not self.allow_code_execution:
+            raise ConfigError(
+                f"--eval_tasks {','.join(code)} generates code with the student and runs it on this machine (in a "
+                "sandbox, see docs/code_eval.md, which is not a container or a VM). Pass --allow_code_execution "
+                "true to run it, or drop it from --eval_tasks."
+            )
+        if "perplexity" in tasks:
+            raise ConfigError(
+                "--eval_tasks perplexity: every run measures perplexity on its eval split already "
+                "(eval_student_ppl). Drop it from --eval_tasks."
+            )
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit < 1:
+            raise ConfigError(f"--eval_tasks_limit must be at least 1, got {self.eval_tasks_limit}.")
+        if self.eval_max_new_tokens < 1:
+            raise ConfigError(f"--eval_max_new_tokens must be at least 1, got {self.eval_max_new_tokens}.")
+        if self.eval_prompt_format not in ("raw", "chat"):
+            raise ConfigError(f"--eval_prompt_format {self.eval_prompt_format!r} is not one of raw, chat.")
+
+    @property
+    def task_list(self) -> list[str]:
+        return [task.strip() for task in str(self.eval_tasks or "").split(",") if task.strip()]
+
+    def eval_configs(self, device: str | None = None) -> list[EvalConfig]:
+        """The ``distily eval`` configs that evaluate these tasks: one per code task, one for the harness tasks."""
+        tasks = self.task_list
+        code = [task for task in tasks if task in CODE_TASK_NAMES]
+        harness = [task for task in tasks if task not in CODE_TASK_NAMES]
+        configs = [
+            EvalConfig(
+                tasks=task, allow_code_execution=True, limit=self.eval_tasks_limit, device=device,
+                max_new_tokens=self.eval_max_new_tokens, prompt_format=self.eval_prompt_format,
+            )
+            for task in code
+        ]  # fmt: skip
+        if harness:
+            configs.append(
+                EvalConfig(
+                    tasks=",".join(harness), include_teacher=False, lm_eval_limit=self.eval_tasks_limit,
+                    device=device, allow_code_execution=self.allow_code_execution,
+                )
+            )  # fmt: skip
+        return configs

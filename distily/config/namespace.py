@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .data import DataArguments
+from .eval import RunEvalArguments
 from .export import ExportArguments
 from .student import PeftArguments, StudentArguments
 from .teacher import TeacherArguments
@@ -19,6 +20,7 @@ RUN_ARGUMENT_CLASSES = (
     DataArguments,
     DistillationConfig,
     ExportArguments,
+    RunEvalArguments,
 )
 # The keyword under which distily.run.train() takes each of them.
 TRAIN_ARGUMENT_NAMES = {
@@ -28,6 +30,7 @@ TRAIN_ARGUMENT_NAMES = {
     DataArguments: "data_args",
     DistillationConfig: "config",
     ExportArguments: "export_args",
+    RunEvalArguments: "eval_args",
 }
 # Never written to a saved config: secrets stay out of files that get shared.
 SECRET_FIELDS = ("hub_token",)

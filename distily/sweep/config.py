@@ -14,6 +14,7 @@ import contextlib
 import copy
 import difflib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,14 @@ from .space import SearchParam, config_from_params, parse_search_space, sample_c
 DIRECTIONS = ("minimize", "maximize")
 # Metrics a trial reports besides the eval_* / train_* metrics of its run: numbers from its run manifest.
 MANIFEST_METRICS = ("student_parameters", "teacher_parameters", "wall_time_seconds", "global_step")
+# Benchmarks a run evaluates when training ends (--eval_tasks, distily.run_eval), named <task>_pass@<k>. A pass
+# rate is better higher: in a minimised geometric mean it enters as its failure rate, 1 - pass@k.
+TASK_METRIC = re.compile(r"^(?P<task>humaneval)_pass@[1-9][0-9]*$")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (pass rates); every other metric is better lower."""
+    return TASK_METRIC.match(metric) is not None
 # Fields of a run that the sweep sets itself for each trial.
 RESERVED_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 
@@ -211,10 +220,14 @@ class SweepConfig:
         if len(set(self.metrics)) != len(self.metrics):
             raise ConfigError(f"metrics {self.metrics} name a metric twice.")
         for metric in self.metrics:
-            if not (metric.startswith(("eval_", "train_")) or metric in MANIFEST_METRICS):
+            task_metric = TASK_METRIC.match(metric)
+            if task_metric:
+                self._check_task_metric(metric, task_metric["task"])
+            elif not (metric.startswith(("eval_", "train_")) or metric in MANIFEST_METRICS):
                 raise ConfigError(
                     f"metric {metric!r} is not something a run reports: use an eval_* metric (eval_student_ppl, "
-                    f"eval_loss, ...), a train_* metric, or one of {', '.join(MANIFEST_METRICS)}."
+                    f"eval_loss, ...), a train_* metric, humaneval_pass@K (with eval_tasks: humaneval), or one of "
+                    f"{', '.join(MANIFEST_METRICS)}."
                 )
         self.directions = self._directions()
 
@@ -249,6 +262,22 @@ class SweepConfig:
         self._probe()
 
     # -- objective ---------------------------------------------------------------------------------------------
+
+    def _check_task_metric(self, metric: str, task: str) -> None:
+        """A benchmark metric needs every trial's run to evaluate that benchmark when its training ends."""
+        tasks = [t.strip() for t in str(self.fixed.get("eval_tasks") or "").split(",")]
+        if task not in tasks or self.fixed.get("allow_code_execution") is not True:
+            raise ConfigError(
+                f"metric {metric!r} is measured when a run evaluates {task} at the end of training: add "
+                f"eval_tasks: {task} and allow_code_execution: true to fixed (and eval_tasks_limit: N for a "
+                "quicker look)."
+            )
+
+    def oriented(self, metric: str, value: float) -> float:
+        """``value`` as it enters a single objective: a pass rate in a minimised mean is its failure rate."""
+        if higher_is_better(metric) and self.directions[0] == "minimize":
+            return 1.0 - value
+        return value
 
     def _directions(self) -> list[str]:
         given = self.direction if isinstance(self.direction, list) else [self.direction]

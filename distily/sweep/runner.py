@@ -59,9 +59,11 @@ class TooManyFailures(ConfigError):
 def combine(sweep: SweepConfig, metrics: dict[str, Any]) -> tuple[list[float], dict[str, float]]:
     """The objective value(s) of ``metrics`` and the numbers reported beside them.
 
-    Single objective: the geometric mean of ``sweep.metrics`` (the metric itself when there is one); the
-    arithmetic mean is reported too. Multi-objective: one value per metric (means of metrics in different
-    units, like perplexity and parameters, would mean nothing, so none are reported).
+    Single objective: the geometric mean of ``sweep.metrics`` (the metric itself when there is one), each
+    turned the way of the direction first (:meth:`SweepConfig.oriented`: a pass rate in a minimised mean is
+    its failure rate, ``1 - pass@k``); the arithmetic mean is reported too. Multi-objective: one value per
+    metric (means of metrics in different units, like perplexity and parameters, would mean nothing, so none
+    are reported).
     """
     missing = [m for m in sweep.metrics if m not in metrics]
     if missing:
@@ -72,6 +74,7 @@ def combine(sweep: SweepConfig, metrics: dict[str, Any]) -> tuple[list[float], d
         raise TrialError(f"non-finite objective metrics {dict(zip(sweep.metrics, values, strict=True))}")
     if sweep.multi_objective:
         return values, {}
+    values = [sweep.oriented(metric, value) for metric, value in zip(sweep.metrics, values, strict=True)]
     if not all(v > 0 for v in values):
         raise TrialError(
             f"the geometric mean needs positive metrics, got {dict(zip(sweep.metrics, values, strict=True))}"
@@ -311,7 +314,7 @@ class Worker:
     def _metrics(self, result) -> dict[str, Any]:
         manifest = RunFolder(result.output_dir).manifest
         numbers = {key: manifest[key] for key in MANIFEST_METRICS if isinstance(manifest.get(key), (int, float))}
-        return {**numbers, **result.train_metrics, **result.metrics_after}
+        return {**numbers, **result.train_metrics, **result.metrics_after, **result.task_metrics}
 
     def _sweep_note(self, trial) -> dict[str, Any]:
         return {"study": self.study.study_name, "trial": trial.number, "storage": mask_url(self.sweep.storage_url)}
