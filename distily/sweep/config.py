@@ -35,6 +35,8 @@ TASK_METRIC = re.compile(r"^(?P<task>humaneval)_pass@[1-9][0-9]*$")
 def higher_is_better(metric: str) -> bool:
     """Whether a larger value of ``metric`` is better (pass rates); every other metric is better lower."""
     return TASK_METRIC.match(metric) is not None
+
+
 # Fields of a run that the sweep sets itself for each trial.
 RESERVED_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 
