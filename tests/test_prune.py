@@ -1,0 +1,306 @@
+"""Structured pruning: hand-computed importance, exact cuts (identity, pruned == teacher with the cut units zeroed),
+GQA, GPT-2's Conv1D layout, the errors, save/load and GGUF round trips, the CLI and --student_init prune."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+
+import distily
+from distily.errors import ConfigError, PruneError
+from distily.pruning import PruneReport, Stat, family_of, measure_importance, prune, resolve_target
+
+from .conftest import TINY_VOCAB, tiny_gpt2_config, tiny_llama_config
+
+
+def calibration(blocks: int = 8, tokens: int = 64, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_VOCAB, (blocks, tokens), generator=generator)
+
+
+def llama(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def gpt2(**overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(tiny_gpt2_config(**overrides)).eval()
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def zeroed_llama(teacher: LlamaForCausalLM, kept: dict) -> LlamaForCausalLM:
+    """The teacher with every unit the plan cut set to zero (an independent reference for the cut model)."""
+    import copy
+
+    model = copy.deepcopy(teacher)
+    config = teacher.config
+    head_dim = config.head_dim
+    hidden = torch.ones(config.hidden_size, dtype=torch.bool)
+    hidden[kept["channels"]] = False  # True: cut
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            if index not in kept["layers"]:
+                attention.o_proj.weight.zero_()  # the block adds nothing to the residual stream: identity
+                mlp.down_proj.weight.zero_()
+                continue
+            position = kept["layers"].index(index)
+            for head in range(config.num_attention_heads):
+                if head not in kept["query_heads"][position]:
+                    attention.o_proj.weight[:, head * head_dim : (head + 1) * head_dim] = 0
+            cut_neurons = [n for n in range(config.intermediate_size) if n not in kept["neurons"][position]]
+            mlp.down_proj.weight[:, cut_neurons] = 0
+            attention.o_proj.weight[hidden] = 0
+            mlp.down_proj.weight[hidden] = 0
+            layer.input_layernorm.weight[hidden] = 0
+            layer.post_attention_layernorm.weight[hidden] = 0
+        model.model.embed_tokens.weight[:, hidden] = 0
+        model.model.norm.weight[hidden] = 0
+        model.lm_head.weight[:, hidden] = 0
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Importance
+
+
+def test_aggregations_match_hand_computed_values():
+    stat = Stat(2)
+    stat.update(torch.tensor([[1.0, 2.0], [-3.0, 2.0]]))
+    assert stat.score("mean").tolist() == [2.0, 2.0]
+    assert stat.score("l2").tolist() == pytest.approx([math.sqrt(5), 2.0])
+    assert stat.score("variance").tolist() == pytest.approx([4.0, 0.0])  # (1 + 9)/2 − (−1)²; constant → 0
+
+
+def test_head_scores_are_the_norm_of_each_heads_residual_write():
+    teacher, ids = llama(), calibration()
+    config = teacher.config
+    seen = []
+    handle = teacher.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    logits(teacher, ids)
+    handle.remove()
+    x = torch.cat(seen).reshape(-1, config.num_attention_heads, config.head_dim)
+    weight = teacher.model.layers[1].self_attn.o_proj.weight
+    expected = [
+        torch.stack([(weight[:, h * 8 : (h + 1) * 8] @ x[t, h]).norm() for t in range(len(x))]).mean().item()
+        for h in range(config.num_attention_heads)
+    ]  # by hand: one token, one head at a time
+    importance = measure_importance(teacher, family_of(config), ids, progress=False)
+    assert importance.heads("mean")[1].tolist() == pytest.approx(expected, rel=1e-5)
+    assert importance.tokens == ids.numel()
+
+
+def test_a_head_neuron_and_channel_that_write_nothing_score_zero_and_are_cut_first():
+    teacher, ids = llama(), calibration()
+    with torch.no_grad():
+        teacher.model.layers[0].self_attn.o_proj.weight[:, 8:16] = 0  # head 1 of layer 0 writes nothing
+        teacher.model.layers[2].mlp.up_proj.weight[5] = 0  # neuron 5 of layer 2 is always 0
+        channel = 7  # nothing ever writes channel 7 of the residual stream
+        teacher.model.embed_tokens.weight[:, channel] = 0
+        for layer in teacher.model.layers:
+            layer.self_attn.o_proj.weight[channel] = 0
+            layer.mlp.down_proj.weight[channel] = 0
+    importance = measure_importance(teacher, family_of(teacher.config), ids, progress=False)
+    for aggregation in ("mean", "l2", "variance"):
+        assert importance.heads(aggregation)[0, 1] == 0
+        assert importance.neurons(aggregation)[2, 5] == 0
+        assert importance.channels(aggregation)[channel] == 0
+        assert (importance.heads(aggregation)[0] > 0).sum() == 3
+    # One head less per group, one neuron and one channel less: exactly those go.
+    _, report = prune(
+        teacher, {"num_attention_heads": 2, "intermediate_size": 63, "hidden_size": 31}, ids, progress=False
+    )
+    kept = report.kept
+    assert 1 not in kept["query_heads"][0] and 0 in kept["query_heads"][0]  # head 0 is head 1's group partner
+    assert 5 not in kept["neurons"][2] and len(kept["neurons"][2]) == 63
+    assert kept["channels"] == [c for c in range(32) if c != channel]
+
+
+def test_a_layer_that_is_the_identity_scores_zero_on_both_layer_scores_and_is_dropped_first():
+    teacher, ids = llama(), calibration()
+    with torch.no_grad():
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    importance = measure_importance(teacher, family_of(teacher.config), ids, layer_loss_blocks=4, progress=False)
+    assert importance.block_importance[2].item() == pytest.approx(0, abs=1e-6)
+    assert importance.drop_loss[2].item() == pytest.approx(0, abs=1e-6)
+    assert (importance.block_importance[[0, 1, 3]] > 1e-3).all()
+    # The drop loss is the loss with the layer skipped minus the full model's, by a second forward pass.
+    import copy
+
+    skipped = copy.deepcopy(teacher)  # layer 1 made the identity: the model without it
+    with torch.no_grad():
+        skipped.model.layers[1].self_attn.o_proj.weight.zero_()
+        skipped.model.layers[1].mlp.down_proj.weight.zero_()
+    first = ids[:4]
+    full = teacher(input_ids=first, labels=first).loss.item()
+    without_1 = skipped(input_ids=first, labels=first).loss.item()
+    assert importance.base_loss == pytest.approx(full, rel=1e-5)
+    assert importance.drop_loss[1].item() == pytest.approx(without_1 - full, rel=1e-4, abs=1e-6)
+    _, report = prune(teacher, {"num_hidden_layers": 3}, ids, progress=False)
+    assert report.kept["layers"] == [0, 1, 3]
+    # By drop loss the layer whose removal hurts least goes (in a random model, removing one may even help).
+    _, report = prune(teacher, {"num_hidden_layers": 3}, ids, layer_score="drop_loss", progress=False)
+    least = int(importance.drop_loss.argmin())
+    assert report.kept["layers"] == [i for i in range(4) if i != least]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact cuts
+
+
+def test_pruning_to_the_teachers_own_shape_is_the_identity():
+    teacher, ids = llama(), calibration()
+    model, report = prune(teacher, {"num_hidden_layers": 4, "hidden_size": 32}, ids, progress=False)
+    assert torch.equal(logits(model.eval(), ids), logits(teacher, ids))
+    assert report.kept["layers"] == [0, 1, 2, 3] and report.kept["channels"] == list(range(32))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 2, "intermediate_size": 40},
+        {"num_attention_heads": 2, "num_key_value_heads": 1},  # a whole key/value group goes
+        {"hidden_size": 20, "intermediate_size": 17},
+    ],
+)
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_pruned_model_equals_the_teacher_with_the_cut_units_zeroed(target, tied):
+    teacher, ids = llama(tie_word_embeddings=tied), calibration()
+    model, report = prune(teacher, target, ids, progress=False)
+    reference = zeroed_llama(teacher, report.kept)
+    difference = (logits(model.eval(), ids) - logits(reference, ids)).abs().max().item()
+    assert difference < 1e-5
+    assert (logits(model, ids) - logits(teacher, ids)).abs().max() > 1e-3  # it really cut something
+
+
+def test_gqa_shapes_and_explicit_head_dim():
+    teacher = llama(num_attention_heads=8, num_key_value_heads=4, hidden_size=32, head_dim=4)
+    model, report = prune(
+        teacher, {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 24}, calibration(), progress=False
+    )
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.shape == (16, 24) and attention.k_proj.weight.shape == (8, 24)
+    assert attention.o_proj.weight.shape == (24, 16)
+    assert model.config.head_dim == 4 and model.config.hidden_size == 24  # 24 ≠ 4 heads × 4
+    for layer, queries in zip(report.kept["kv_heads"], report.kept["query_heads"], strict=True):
+        # each kept query head stays with its own key/value head: 2 per kept group, groups of 2 in the teacher
+        assert [q // 2 for q in queries] == [g for g in layer for _ in range(2)]
+    reference = zeroed_llama(teacher, report.kept)
+    assert (logits(model.eval(), calibration()) - logits(reference, calibration())).abs().max() < 1e-5
+
+
+def test_gpt2_conv1d_layers_and_neurons_are_exact_and_heads_with_hidden_cut_together():
+    teacher, ids = gpt2(n_inner=64), calibration()
+    model, report = prune(teacher, {"n_layer": 3, "n_inner": 40}, ids, progress=False)
+    import copy
+
+    reference = copy.deepcopy(teacher)
+    kept = report.kept
+    with torch.no_grad():
+        for index, block in enumerate(reference.transformer.h):
+            if index not in kept["layers"]:
+                for proj in (block.attn.c_proj, block.mlp.c_proj):
+                    proj.weight.zero_()
+                    proj.bias.zero_()
+                continue
+            cut = [n for n in range(64) if n not in kept["neurons"][kept["layers"].index(index)]]
+            block.mlp.c_proj.weight[cut] = 0  # Conv1D weights are (in, out): a neuron is a row
+    assert (logits(model.eval(), ids) - logits(reference, ids)).abs().max() < 1e-5
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (32, 40)
+
+    model, report = prune(teacher, {"n_head": 2}, ids, progress=False)  # hidden follows: 2 heads × 8
+    assert model.config.n_embd == 16 and model.transformer.h[0].attn.c_attn.weight.shape == (16, 48)
+    assert len(report.kept["channels"]) == 16 and torch.isfinite(logits(model.eval(), ids)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors, all before any work
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"num_hidden_layers": 5}, "deeper than the teacher"),
+        ({"hidden_size": 64}, "wider than the teacher"),
+        ({"num_attention_heads": 3}, "cannot be split evenly"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 1}, "cannot join another group"),
+        ({"vocab_size": 64}, "not a size pruning can cut"),
+        ({"hidden_size": 0}, "whole number ≥ 1"),
+    ],
+)
+def test_bad_targets_are_clear_errors(target, message):
+    with pytest.raises((PruneError, ConfigError), match=message):
+        resolve_target(llama().config, family_of(llama().config), target)
+
+
+def test_gpt2_hidden_size_the_layernorms_cannot_take_and_other_architectures_are_errors():
+    config = tiny_gpt2_config()
+    with pytest.raises(PruneError, match="LayerNorms and attention take hidden_size"):
+        resolve_target(config, family_of(config), {"n_embd": 20})
+    from transformers import OPTConfig
+
+    with pytest.raises(PruneError, match="supports the model types llama, mistral, qwen2, qwen3, gpt2"):
+        family_of(OPTConfig())
+
+
+def test_too_few_calibration_tokens_is_an_error():
+    with pytest.raises(PruneError, match="too few to rank"):
+        prune(llama(), {"num_hidden_layers": 2}, calibration(blocks=2, tokens=64), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save/load, GGUF
+
+
+def test_a_pruned_model_saves_and_loads_and_its_report_reads_back(tmp_path):
+    teacher, ids = llama(), calibration()
+    model, report = prune(teacher, {"hidden_size": 24, "num_attention_heads": 2}, ids, progress=False)
+    model.save_pretrained(tmp_path)
+    report.write(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded, ids), logits(model.eval(), ids))
+    assert json.loads((tmp_path / "config.json").read_text())["head_dim"] == 8
+    back = PruneReport.read(tmp_path).data
+    assert back["kept"] == report.kept and back["calibration"]["tokens"] == ids.numel()
+    assert len(back["scores"]["heads"]) == 4 and len(back["scores"]["layers"]["drop_loss"]) == 4
+
+
+def test_gguf_of_a_pruned_model_runs_in_llama_cpp_and_matches_pytorch(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from distily.export import export
+
+    from .conftest import BYTE_VOCAB, make_byte_bpe_tokenizer
+    from .test_export import LOGIT_ATOL, assert_same_top1, llama_cpp_logits, token_ids, torch_logits, trained
+
+    tokenizer = make_byte_bpe_tokenizer()
+    teacher = trained(llama(vocab_size=BYTE_VOCAB), tokenizer)
+    ids = calibration(tokens=64) % BYTE_VOCAB
+    # hidden 24 is no longer 2 heads × head_dim 8: llama.cpp must read the key/value lengths from the file
+    model, _ = prune(
+        teacher, {"hidden_size": 24, "num_attention_heads": 2, "num_hidden_layers": 3}, ids, progress=False
+    )
+    folder = tmp_path / "pruned"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = tmp_path / "pruned.gguf"
+    export(folder, ["gguf"], "f32", path)
+    text_ids = token_ids(tokenizer)
+    reference = torch_logits(model.eval(), text_ids)
+    out = llama_cpp_logits(path, text_ids)
+    assert np.abs(out - reference).max() < LOGIT_ATOL["f32"]
+    assert_same_top1(reference, out, LOGIT_ATOL["f32"])
+
+
+def test_prune_is_public():
+    assert distily.prune is prune
