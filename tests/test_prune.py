@@ -304,3 +304,149 @@ def test_gguf_of_a_pruned_model_runs_in_llama_cpp_and_matches_pytorch(tmp_path):
 
 def test_prune_is_public():
     assert distily.prune is prune
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `distily prune` and --student_init prune
+
+TARGET = '{"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 2, "intermediate_size": 48}'
+
+
+def prune_args(teacher, corpus, out, *extra):
+    return [
+        "prune",
+        "--teacher", str(teacher),
+        "--dataset", str(corpus),
+        "--dataset_cache_dir", str(out.parent / "cache"),
+        "--seq_len", "32",
+        "--calibration_blocks", "8",
+        "--target", TARGET,
+        "--output_dir", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_prune_command_writes_a_loadable_model_and_its_report(tiny_teacher_dir, text_corpus, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from distily.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_teacher_dir, text_corpus, out)) == 0
+    assert "Pruned" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.head_dim) == (3, 24, 8)
+    assert AutoTokenizer.from_pretrained(out)("def f(x):")["input_ids"]
+    report = json.loads((out / "distily_prune.json").read_text())
+    assert report["data"]["split"] == "train" and len(report["data"]["block_rows"]) == 8
+    assert report["calibration"]["tokens"] == 8 * 32 and len(report["calibration"]["fingerprint"]) == 64
+    assert report["kept"]["layers"] == model.config.distily_init["teacher_layers"]
+    assert len(report["scores"]["neurons"]) == 4 and len(report["scores"]["neurons"][0]) == 64
+    assert report["command"] and report["target"]["hidden_size"] == 24
+    # The same command again refuses to write over the folder.
+    assert main(prune_args(tiny_teacher_dir, text_corpus, out)) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", '{"num_hidden_layers": 9}'], "deeper than the teacher"),
+        (["--target", '{"num_attention_heads": 3}'], "cannot be split evenly"),
+        (["--target", '{"rope_theta": 1.0}'], "not a size pruning can cut"),
+        (["--calibration_blocks", "100000"], "more calibration blocks than the train split"),
+        (["--calibration_blocks", "2"], "too few to rank"),
+    ],
+)
+def test_prune_command_errors_write_nothing(tiny_teacher_dir, text_corpus, tmp_path, capsys, extra, message):
+    from distily.cli import main
+
+    out = tmp_path / "pruned"
+    assert main([*prune_args(tiny_teacher_dir, text_corpus, out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def train_args(teacher, corpus, out, student_config, *extra):
+    return [
+        "--teacher", str(teacher),
+        "--student_init", "prune",
+        "--student_config", student_config,
+        "--calibration_blocks", "8",
+        "--dataset", str(corpus),
+        "--dataset_cache_dir", str(out.parent / "cache"),
+        "--output_dir", str(out),
+        "--seq_len", "32",
+        "--max_steps", "3",
+        "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4",
+        "--learning_rate", "1e-3",
+        "--logging_steps", "1",
+        "--save_strategy", "steps",
+        "--save_steps", "2",
+        "--report_to", "none",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_student_init_prune_trains_and_resumes_to_the_uninterrupted_weights(tiny_teacher_dir, text_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from distily.cli import main
+
+    out = tmp_path / "run"
+    args = train_args(tiny_teacher_dir, text_corpus, out, TARGET)
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (3, 24, 48)
+    assert config["distily_init"]["pruned"] and len(config["distily_init"]["calibration"]["train_rows"]) == 8
+    uninterrupted = load_file(out / "model.safetensors")
+    manifest = json.loads((out / "distily_run.json").read_text())
+    manifest["status"] = "running"
+    (out / "distily_run.json").write_text(json.dumps(manifest))
+    (out / "model.safetensors").unlink()
+    (out / "checkpoint-3").rename(out / "checkpoint-3-partial")
+    assert main([*args, "--resume_from_checkpoint", "true"]) == 0
+    resumed = load_file(out / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_pruned_student_starts_where_the_pruned_teacher_is(tiny_teacher_dir, text_corpus, tmp_path):
+    """The run's step-0 student is exactly distily.prune's model on the same calibration blocks."""
+    from distily.cli import main
+    from distily.config import DataArguments
+    from distily.pruning.command import calibration_blocks
+    from distily.teacher.loading import load_teacher
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_teacher_dir, text_corpus, out, TARGET, "--max_steps", "0")) == 0
+    teacher, tokenizer = load_teacher(str(tiny_teacher_dir), dtype="float32")
+    data = DataArguments(dataset=str(text_corpus), dataset_cache_dir=str(tmp_path / "cache"))
+    ids, _ = calibration_blocks(data, tokenizer, 32, 8, 42, "--calibration_blocks")
+    expected, _ = prune(teacher, json.loads(TARGET), ids, progress=False)
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(saved, ids), logits(expected.eval(), ids))
+
+
+@pytest.mark.parametrize(
+    ("student_config", "extra"),
+    [
+        (TARGET, ["--lora_r", "4"]),
+        ('{"num_hidden_layers": 3, "intermediate_size": 48, "bitnet": true}', []),
+        (TARGET, ["--objective", '{"logits": {"weight": 1.0}, "hidden_states": {"weight": 1.0}}']),
+    ],
+    ids=["lora", "bitnet", "hidden_states"],
+)
+def test_a_pruned_student_trains_with_lora_bitnet_and_hidden_state_objectives(
+    tiny_teacher_dir, text_corpus, tmp_path, student_config, extra
+):
+    from distily.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_teacher_dir, text_corpus, out, student_config, "--save_strategy", "no", *extra)) == 0
+    manifest = json.loads((out / "distily_run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["global_step"] == 3
+    results = json.loads((out / "eval_results.json").read_text())
+    assert math.isfinite(results["eval_student_ppl"])
