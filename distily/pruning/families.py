@@ -138,6 +138,16 @@ class LlamaFamily(Family):
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         )
 
+    def check_shape(self, teacher: Shape, target: Shape, flag: str) -> None:
+        if target.hidden_size % target.num_attention_heads:
+            # transformers' LlamaConfig refuses to save such a config, although head_dim is explicit
+            lower = target.hidden_size - target.hidden_size % target.num_attention_heads
+            raise PruneError(
+                f"{flag}: transformers' Llama config needs hidden_size to be a multiple of num_attention_heads "
+                f"({target.num_attention_heads}); {target.hidden_size} is not. Use {lower} or "
+                f"{lower + target.num_attention_heads}."
+            )
+
     def pruned_config_overrides(self, config, teacher: Shape, target: Shape, layers: list[int]) -> dict:
         overrides = {key: getattr(target, key) for key in PRUNE_TARGET_KEYS}
         overrides["head_dim"] = teacher.head_dim  # explicit: hidden_size need not be heads × head_dim any more
