@@ -451,3 +451,21 @@ def test_a_pruned_student_trains_with_lora_bitnet_and_hidden_state_objectives(
     assert manifest["status"] == "finished" and manifest["global_step"] == 3
     results = json.loads((out / "eval_results.json").read_text())
     assert math.isfinite(results["eval_student_ppl"])
+
+
+def test_the_source_mapper_pairs_each_pruned_layer_with_the_teacher_layer_it_came_from():
+    from distily.config import ObjectiveComponent
+    from distily.features import IntermediateObjective
+    from distily.layer_mappers import map_layers
+
+    assert map_layers("source", 4, 30, {"layers": [0, 10, 19, 29]}) == [(1, 1), (2, 11), (3, 20), (4, 30)]
+    teacher = llama()
+    with torch.no_grad():
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()  # layer 1 is the identity: it is the one dropped
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+    student, _ = prune(teacher, {"num_hidden_layers": 3, "hidden_size": 24}, calibration(), progress=False)
+    component = ObjectiveComponent(name="hidden_states", signal="hidden_states", layer_mapper="source")
+    objective = IntermediateObjective([component], student, teacher)
+    assert objective.pairs["hidden_states"] == [(1, 1), (2, 3), (3, 4)]
+    with pytest.raises(ConfigError, match="one teacher layer per student layer"):
+        IntermediateObjective([component], llama(num_hidden_layers=2), teacher)  # a random student records none
