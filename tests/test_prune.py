@@ -469,3 +469,16 @@ def test_the_source_mapper_pairs_each_pruned_layer_with_the_teacher_layer_it_cam
     assert objective.pairs["hidden_states"] == [(1, 1), (2, 3), (3, 4)]
     with pytest.raises(ConfigError, match="one teacher layer per student layer"):
         IntermediateObjective([component], llama(num_hidden_layers=2), teacher)  # a random student records none
+
+
+def test_a_pruned_student_trains_from_a_recorded_teacher(tiny_teacher_dir, text_corpus, tmp_path):
+    from distily.cli import main
+
+    cache, data = tmp_path / "cache-teacher", ["--dataset", str(text_corpus), "--max_eval_blocks", "4"]
+    record = ["record", "--teacher", str(tiny_teacher_dir), *data, "--seq_len", "32", "--top_k", "8"]
+    assert main([*record, "--output", str(cache), "--device", "cpu"]) == 0
+    run = ["--teacher_cache", str(cache), *data, "--student_init", "prune", "--student_config", TARGET]
+    run += ["--calibration_blocks", "8", "--seq_len", "32", "--max_steps", "2", "--report_to", "none"]
+    assert main([*run, "--use_cpu", "true", "--save_strategy", "no", "--output_dir", str(tmp_path / "run")]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["distily_init"]["pruned"] and config["hidden_size"] == 24
