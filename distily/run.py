@@ -169,7 +169,7 @@ def train(
     from .data import prepare_datasets
     from .distributed import weights_are_sharded
     from .lora import apply_lora
-    from .pruning.command import prune_student
+    from .pruning.calibration import prune_student
     from .students import build_student, count_parameters, load_pretrained_student
     from .trainer import DistillationTrainer, check_compatible
 
@@ -423,7 +423,7 @@ def _student_for_teacher_cache(
         teacher, teacher_tokenizer = load_run_teacher(dataclasses.replace(teacher_args, teacher=name), config)
         cache.check_compatible(tokenizer=teacher_tokenizer, vocab_size=teacher.config.vocab_size)
         if init == "prune":  # calibration blocks from the train split, as without a cache
-            from .pruning.command import prune_student
+            from .pruning.calibration import prune_student
 
             student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
         else:

@@ -418,7 +418,7 @@ def test_a_pruned_student_starts_where_the_pruned_teacher_is(tiny_teacher_dir, t
     """The run's step-0 student is exactly distily.prune's model on the same calibration blocks."""
     from distily.cli import main
     from distily.config import DataArguments
-    from distily.pruning.command import calibration_blocks
+    from distily.pruning.calibration import calibration_blocks
     from distily.teacher.loading import load_teacher
 
     out = tmp_path / "run"
@@ -482,3 +482,22 @@ def test_a_pruned_student_trains_from_a_recorded_teacher(tiny_teacher_dir, text_
     assert main([*run, "--use_cpu", "true", "--save_strategy", "no", "--output_dir", str(tmp_path / "run")]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["distily_init"]["pruned"] and config["hidden_size"] == 24
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "qwen3"])
+def test_other_llama_family_models_prune_exactly(model_type):
+    from transformers import AutoConfig
+
+    values = tiny_llama_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    config = AutoConfig.for_model(
+        model_type, **{key: values[key] for key in keep}, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False
+    )
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    ids = calibration()
+    target = {"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 2, "intermediate_size": 40}
+    model, report = prune(teacher, target, ids, progress=False)
+    reference = zeroed_llama(teacher, report.kept)
+    # Qwen3's per-head q/k norms share rms_norm_eps, so there the hidden-size norms keep ε: equal up to ε's effect
+    assert (logits(model.eval(), ids) - logits(reference, ids)).abs().max() < (1e-4 if model_type == "qwen3" else 1e-5)

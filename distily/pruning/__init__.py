@@ -7,7 +7,8 @@ on calibration blocks, so a student starts from the teacher's best units instead
 * :mod:`.trim` -- the cut itself;
 * :mod:`.report` -- ``distily_prune.json``;
 * :mod:`.pipeline` -- :func:`prune`, the three steps in one call;
-* :mod:`.command` -- ``distily prune`` and ``--student_init prune``.
+* :mod:`.calibration` -- calibration blocks from the train split; ``--student_init prune``;
+* :mod:`.command` -- ``distily prune``.
 
 See docs/pruning.md.
 """
