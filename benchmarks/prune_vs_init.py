@@ -56,7 +56,7 @@ BUDGETS = {
     "50": {
         "subset": {"num_hidden_layers": 15},
         "depth": {"num_hidden_layers": 15},
-        "width": {"hidden_size": 448, "num_attention_heads": 6, "intermediate_size": 960},
+        "width": {"hidden_size": 450, "num_attention_heads": 6, "intermediate_size": 928},
         "width_depth": {
             "num_hidden_layers": 20,
             "hidden_size": 516,
@@ -220,6 +220,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     teacher, tokenizer = load_teacher("smollm2-135m-instruct", dtype="float32")
     family = family_of(teacher.config)
+    for budget in BUDGETS.values():  # every target checked before any work
+        for target in budget.values():
+            resolve_target(teacher.config, family, target)
     data_args = DataArguments(dataset="python-stdlib", max_eval_blocks=args.eval_blocks)
     data = prepare_datasets(data_args, tokenizer, SEQ_LEN, seed=42)
     blocks = args.calibration_blocks

@@ -493,11 +493,15 @@ def test_other_llama_family_models_prune_exactly(model_type):
     config = AutoConfig.for_model(
         model_type, **{key: values[key] for key in keep}, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False
     )
+    if model_type == "qwen3":
+        # Qwen3's per-head q/k norms share rms_norm_eps, so the cut keeps ε and matches the zeroed teacher only up
+        # to ε's share of each norm (4e-4 in the logits at ε = 1e-6 and this tiny model's small activations); with
+        # ε negligible, the rest of the cut (q/k norms untouched, every other rule) must be exact.
+        config.rms_norm_eps = 1e-12
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(config).eval()
     ids = calibration()
     target = {"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 2, "intermediate_size": 40}
     model, report = prune(teacher, target, ids, progress=False)
     reference = zeroed_llama(teacher, report.kept)
-    # Qwen3's per-head q/k norms share rms_norm_eps, so there the hidden-size norms keep ε: equal up to ε's effect
-    assert (logits(model.eval(), ids) - logits(reference, ids)).abs().max() < (1e-4 if model_type == "qwen3" else 1e-5)
+    assert (logits(model.eval(), ids) - logits(reference, ids)).abs().max() < 1e-5
