@@ -12,6 +12,7 @@ from .feature_losses import FEATURE_LOSSES, FEATURE_NORMS, register_feature_loss
 from .layer_mappers import LAYER_MAPPERS, map_layers, register_layer_mapper
 from .losses import LOSSES, build_loss, distillation_loss, register_loss
 from .projectors import PROJECTORS, build_projector, register_projector
+from .pruning import prune
 from .registry import Registry, UnknownNameError
 from .students import build_student
 from .teacher.loading import EMBEDDED_TEACHERS, load_teacher
@@ -46,6 +47,7 @@ __all__ = [
     "distillation_loss",
     "load_teacher",
     "map_layers",
+    "prune",
     "register_feature_loss",
     "register_feature_norm",
     "register_layer_mapper",

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "distily.cli:sweep_command",
     "synth": "distily.teacher.synth:synth_command",
     "record": "distily.cli:record_command",
+    "prune": "distily.pruning.command:prune_command",
 }
 
 

@@ -46,3 +46,7 @@ class UnknownNameError(DistilyError, KeyError, ValueError):
 
 class TaskFileError(DistilyError, ValueError):
     """A code-evaluation task file or completions file cannot be used; the message names the file, line and field."""
+
+
+class PruneError(DistilyError, ValueError):
+    """A model cannot be pruned as asked (architecture, target shape, calibration data); the message says what to do."""

@@ -15,6 +15,8 @@ With ``S`` student and ``T`` teacher layers (golden values for S = 4, T = 30 in 
   -> (1,7) (2,14) (3,21) (4,28)
 * ``uniform_last``: the same stride, aligned so the last layers meet: s to ``T − (S − s)·stride``
   -> (1,9) (2,16) (3,23) (4,30)
+* ``source``: each student layer to the teacher layer it was copied or pruned from (``layers``, default the
+  student's record) -> for the layer subset [0, 10, 19, 29]: (1,1) (2,11) (3,20) (4,30)
 
 Register your own::
 
@@ -101,6 +103,30 @@ def uniform_last(student_layers: int, teacher_layers: int, *, stride: int | None
     """``uniform`` shifted so the last layers meet: s to T − (S − s)·stride (default stride ⌊T/S⌋)."""
     stride = _stride(student_layers, teacher_layers, stride)
     return [(s, teacher_layers - (student_layers - s) * stride) for s in range(1, student_layers + 1)]
+
+
+@register_layer_mapper("source")
+def source(student_layers: int, teacher_layers: int, *, layers: Sequence[int] = ()) -> LayerPairs:
+    """Each student layer s to the teacher layer it was copied or pruned from: ``layers[s − 1] + 1``.
+
+    ``layers`` are 0-based teacher indices, one per student layer; left out, they are read from the student's
+    ``config.distily_init["teacher_layers"]`` (a layer-subset or pruned student records them; see
+    :func:`student_source_layers`).
+    """
+    if len(layers) != student_layers:
+        raise ValueError(
+            f"source needs one teacher layer per student layer ({student_layers}), got {list(layers)!r}. The student "
+            "records them when it is built from the teacher (--student_init auto/teacher/prune); else set "
+            "layer_mapper_kwargs: {layers: [0, 10, 19, 29]}."
+        )
+    return [(s, int(layers[s - 1]) + 1) for s in range(1, student_layers + 1)]
+
+
+def student_source_layers(model) -> list[int]:
+    """The 0-based teacher layer each layer of ``model`` came from, as it recorded them (empty if it did not)."""
+    config = getattr(model, "config", None)
+    init = getattr(config, "distily_init", None) or {}
+    return list(init.get("teacher_layers") or []) if init.get("from") == "teacher" else []
 
 
 def check_mapper_kwargs(name: str, kwargs: dict | None) -> None:

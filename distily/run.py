@@ -173,6 +173,7 @@ def train(
     from .data import prepare_datasets
     from .distributed import weights_are_sharded
     from .lora import apply_lora
+    from .pruning.calibration import prune_student
     from .students import build_student, count_parameters, load_pretrained_student
     from .trainer import DistillationTrainer, check_compatible
 
@@ -199,7 +200,9 @@ def train(
     cache = None
     if config.teacher_cache:
         with phases.phase("load teacher cache and student"):
-            teacher, tokenizer, student, cache = _student_for_teacher_cache(teacher_args, student_args, config)
+            teacher, tokenizer, student, cache = _student_for_teacher_cache(
+                teacher_args, student_args, config, data_args=data_args
+            )
     else:
         with phases.phase("load teacher"):
             if loaded_teacher is not None:
@@ -214,6 +217,8 @@ def train(
                 student = load_pretrained_student(
                     student_args.student, trust_remote_code=teacher_args.trust_remote_code
                 )
+            elif student_args.student_init == "prune":
+                student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
             else:
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     check_compatible(student, teacher, config)
@@ -394,7 +399,9 @@ def export_run(output_dir: Path, export_args: ExportArguments, config: Distillat
     return result
 
 
-def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: StudentArguments, config):
+def _student_for_teacher_cache(
+    teacher_args: TeacherArguments, student_args: StudentArguments, config, data_args: DataArguments | None = None
+):
     """``(None, tokenizer, student, cache)`` for a run on a recorded teacher.
 
     The tokenizer and the teacher's config come from the cache. The teacher's weights are loaded only when the
@@ -422,14 +429,19 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
     teacher_config = cache.teacher_config()
     student_config = student_config_from_teacher(teacher_config, student_args.student_config)
     init = student_args.student_init
-    if init == "teacher" or (init == "auto" and _same_width(student_config, teacher_config)):
+    if init in ("teacher", "prune") or (init == "auto" and _same_width(student_config, teacher_config)):
         name = teacher_args.teacher or cache.identity["teacher"]
         logger.info(
             "Loading teacher %s once to initialise the student from its weights; training uses the cache.", name
         )
         teacher, teacher_tokenizer = load_run_teacher(dataclasses.replace(teacher_args, teacher=name), config)
         cache.check_compatible(tokenizer=teacher_tokenizer, vocab_size=teacher.config.vocab_size)
-        student = build_student(teacher, student_args.student_config, init=init)
+        if init == "prune":  # calibration blocks from the train split, as without a cache
+            from .pruning.calibration import prune_student
+
+            student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
+        else:
+            student = build_student(teacher, student_args.student_config, init=init)
         del teacher
     else:
         student = build_student(SimpleNamespace(config=teacher_config), student_args.student_config, init=init)

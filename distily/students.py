@@ -125,6 +125,10 @@ def build_student(
 
     if init not in STUDENT_INITS:
         raise ConfigError(f"init={init!r} is not one of {', '.join(STUDENT_INITS)}.")
+    if init == "prune":
+        raise ConfigError(
+            "init='prune' needs calibration data: call distily.prune(teacher, target, calibration_ids) instead."
+        )
     overrides, bitnet = split_bitnet_overrides(overrides)
     config = student_config_from_teacher(teacher.config, overrides)
     if bitnet is not None:

@@ -63,7 +63,7 @@ def test_bad_mapper_input_is_explained():
     with pytest.raises(ValueError, match="stride of at most 7"):
         map_layers("uniform", 4, 30, {"stride": 8})
     with pytest.raises(
-        UnknownNameError, match="Known layer mappers: all, indices, last, last_k, uniform, uniform_last"
+        UnknownNameError, match="Known layer mappers: all, indices, last, last_k, source, uniform, uniform_last"
     ):
         map_layers("every_other", 4, 30)
 

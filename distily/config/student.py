@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from .parsing import parse_json_dict
+from .prune import DEFAULT_CALIBRATION_BLOCKS, PRUNE_TARGET_KEYS, check_prune_student_config  # noqa: F401
 
-STUDENT_INITS = ("auto", "teacher", "random")
+STUDENT_INITS = ("auto", "teacher", "random", "prune")
 
 
 @dataclass
@@ -27,9 +28,15 @@ class StudentArguments:
         default="auto",
         metadata={
             "help": "auto: copy the teacher's weights (uniform layer subset keeping first and last) when the "
-            "width matches, else random; teacher: always copy what fits; random: random init.",
+            "width matches, else random; teacher: always copy what fits; random: random init; prune: prune the "
+            "teacher to the --student_config shape by importance on --calibration_blocks (docs/pruning.md).",
             "choices": list(STUDENT_INITS),
         },
+    )
+
+    calibration_blocks: int = field(
+        default=DEFAULT_CALIBRATION_BLOCKS,
+        metadata={"help": "--student_init prune: train-split blocks the importance scores are measured on."},
     )
 
     student: str | None = field(
@@ -48,6 +55,8 @@ class StudentArguments:
             parse_bitnet_option(self.student_config["bitnet"])  # bad BitNet options fail here, before any work
         if self.student_init not in STUDENT_INITS:
             raise ConfigError(f"--student_init {self.student_init!r} is not one of {', '.join(STUDENT_INITS)}.")
+        if self.student_init == "prune":
+            check_prune_student_config(self.student_config, self.calibration_blocks)
         if self.student is not None and not str(self.student).strip():
             self.student = None
         if self.student is not None and (self.student_config or self.student_init != "auto"):
