@@ -482,3 +482,36 @@ def test_sampling_needs_a_live_teacher(tmp_path):
         DistillationTrainer(
             model=student, teacher_model=None, args=config, train_dataset=Dataset.from_dict({"input_ids": [[3] * SEQ]})
         )
+
+
+@pytest.mark.slow
+def test_ddp_processes_sample_their_own_share_save_their_buffers_and_resume(tiny_teacher_dir, text_corpus, tmp_path):
+    """2 processes on-policy with replay: each samples its own rows (own prompts, own seeds) and keeps its own
+    buffer in every checkpoint; the run resumed from its step-2 checkpoint ends with the same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from .test_distributed import launch, logged, run_args
+
+    out = tmp_path / "ddp"
+    flags = ["--lmbda", "1", "--prompt_len", "8", "--max_new_tokens", "4", "--replay_buffer_size", "4"]
+    flags += ["--replay_ratio", "0.5", "--loss", "reverse_kl"]
+    launch(run_args(tiny_teacher_dir, text_corpus, out, tmp_path / "cache", 2, *flags))
+    assert logged(out, "on_policy_fraction") == [1.0] * 4
+    buffers = [json.loads((out / "checkpoint-2" / f"replay_buffer-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(b["samples"] for b in buffers)
+    prompts = [{tuple(p) for p, _ in b["samples"]} for b in buffers]
+    assert not prompts[0] & prompts[1]  # each process sampled completions of its own blocks
+    weights = load_file(out / "model.safetensors")
+
+    manifest = json.loads((out / "distily_run.json").read_text())
+    manifest["status"] = "running"
+    (out / "distily_run.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "checkpoint-4")
+    launch(
+        run_args(tiny_teacher_dir, text_corpus, out, tmp_path / "cache", 2, *flags, "--resume_from_checkpoint", "true")
+    )
+    resumed = load_file(out / "model.safetensors")
+    for name, value in weights.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
