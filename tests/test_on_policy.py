@@ -515,3 +515,35 @@ def test_ddp_processes_sample_their_own_share_save_their_buffers_and_resume(tiny
     resumed = load_file(out / "model.safetensors")
     for name, value in weights.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_prompts_from_a_synth_folder_drive_training(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "synth"
+    folder.mkdir()
+    (folder / "synth_manifest.json").write_text("{}")
+    rows = [
+        {"id": f"s{i}", "prompt_id": f"p{i // 2}", "messages": [{"role": "user", "content": f"def f{i // 2}"}]}
+        for i in range(6)
+    ]  # two samples per prompt: one request each
+    (folder / "samples-00000.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    requests = read_prompt_requests(folder)
+    assert [r["messages"][0]["content"] for r in requests] == ["def f0", "def f1", "def f2"]
+
+    teacher, student = make_pair()
+    config = make_config(
+        tmp_path, lmbda=1.0, prompts=str(folder), max_new_tokens=3, max_steps=1, loss="reverse_kl", seq_len=64
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=random_blocks(8),
+        processing_class=tiny_tokenizer,
+    )
+    source = trainer.on_policy.prompts
+    assert isinstance(source, ChatPrompts) and len(source) == 3
+    fake = FakeEngine(trainer.on_policy.student.settings)
+    trainer.on_policy.student = fake
+    trainer.train()
+    rendered = {tuple(render_prompt(tiny_tokenizer, r)) for r in requests}
+    assert {tuple(p) for p in fake.calls[0][0]} <= rendered
