@@ -2,8 +2,8 @@
 
 Only public Trainer hooks are overridden: ``compute_loss`` (the objective), ``create_optimizer`` (the parameter
 groups, declared once), ``train`` (restores the projectors on resume), ``evaluation_loop`` (adds the student's and
-teacher's perplexities to the eval metrics) and ``log`` (adds loss components, step time, throughput and peak
-memory).
+teacher's perplexities to the eval metrics), ``log`` (adds loss components, step time, throughput and peak
+memory) and ``get_batch_samples`` (on-policy runs: replaces micro-batches by sampled ones, :mod:`distily.on_policy`).
 
 ``compute_loss`` decides once per batch which terms it has and which path it takes, then calls one method per
 part: the teacher's signal, one method per source (recorded, live head per chunk, live logits); the student's
