@@ -362,9 +362,12 @@ def quality_child(setting: str, seconds: float) -> dict:
 
 def quality_report(args) -> list[str]:
     settings = args.settings.split(",")
-    results = {
-        s: run_child(["_quality", s, "--seconds", str(args.seconds)], timeout=args.seconds * 10 + 600) for s in settings
-    }
+    results = {}
+    for setting in settings:  # one line per finished setting on stderr, so a cut-short run still reports
+        results[setting] = run_child(
+            ["_quality", setting, "--seconds", str(args.seconds)], timeout=args.seconds * 10 + 600
+        )
+        print(json.dumps(results[setting]), file=sys.stderr, flush=True)
     lines = [
         f"Each setting trained for {args.seconds:.0f} s of wall time, then evaluated (eval perplexity on 32 eval "
         f"blocks; teacher-judged reverse KL on the student's greedy {NEW_TOKENS}-token completions of {JUDGED_PROMPTS} "
