@@ -2,8 +2,8 @@
 
 Only public Trainer hooks are overridden: ``compute_loss`` (the objective), ``create_optimizer`` (the parameter
 groups, declared once), ``train`` (restores the projectors on resume), ``evaluation_loop`` (adds the student's and
-teacher's perplexities to the eval metrics) and ``log`` (adds loss components, step time, throughput and peak
-memory).
+teacher's perplexities to the eval metrics), ``log`` (adds loss components, step time, throughput and peak
+memory) and ``get_batch_samples`` (on-policy runs: replaces micro-batches by sampled ones, :mod:`distily.on_policy`).
 
 ``compute_loss`` decides once per batch which terms it has and which path it takes, then calls one method per
 part: the teacher's signal, one method per source (recorded, live head per chunk, live logits); the student's
@@ -47,6 +47,7 @@ from .distributed import check_world_size, place_teacher, world_size_from_env, w
 from .features import IntermediateObjective
 from .io import atomic_path
 from .losses import build_loss
+from .on_policy import OnPolicyCallback, OnPolicySampler, build_sampler
 from .run_folder import RunFolder
 from .teacher.cache import SPLIT_IDS, CacheError, TeacherCache
 from .teacher.loading import freeze
@@ -275,6 +276,7 @@ class DistillationTrainer(Trainer):
         self._log_counts: dict[str, int] = defaultdict(int)
         self._tokens_since_log = 0
         self._eval_sums: torch.Tensor | None = None
+        self.on_policy = self._build_on_policy(data_collator, processing_class)
 
     @staticmethod
     def _open_teacher_cache(model, args: DistillationConfig, processing_class, kwargs) -> TeacherCache | None:
@@ -425,7 +427,53 @@ class DistillationTrainer(Trainer):
                     "new run."
                 )
             load_projectors(self.intermediate, path)
+        self._restore_on_policy(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    # -- on-policy batches: sampled before the step counts its tokens ----------------------------------------------
+
+    def _build_on_policy(self, data_collator, processing_class) -> OnPolicySampler | None:
+        """The sampler of a run that samples its sequences (``--lmbda > 0`` or ``--seq_kd``), else None."""
+        args: DistillationConfig = self.args
+        if not args.samples_sequences:
+            return None
+        if self.teacher is None:
+            raise ConfigError("--lmbda > 0 / --seq_kd need a live teacher (teacher_model=) to score the samples.")
+        if self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        ):
+            raise ConfigError(
+                "--lmbda > 0 / --seq_kd generate with the whole student on each process; FSDP and ZeRO-3 shard its "
+                "weights. Train on-policy under DDP (or ZeRO-2), or with --lmbda 0."
+            )
+        pad = getattr(data_collator, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(processing_class, "pad_token_id", None) or 0
+        tokenizer = processing_class if hasattr(processing_class, "apply_chat_template") else None
+        sampler = build_sampler(
+            args, self._generating_student, self.teacher, tokenizer, pad, rank=self.accelerator.process_index
+        )
+        self.add_callback(OnPolicyCallback(sampler, self._generating_student))
+        return sampler
+
+    def _generating_student(self) -> nn.Module:
+        """The student as the engines sample from it: unwrapped from DDP (no gradient hooks)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Trainer's micro-batches of one optimizer step, each first replaced by a sampled batch where the sampler
+        says so (:class:`distily.on_policy.OnPolicySampler`): here, before Trainer counts the step's real tokens
+        (``num_items_in_batch``), so the loss of a sampled batch is normalised by its completion tokens, across
+        gradient accumulation and processes, as any other batch."""
+        if self.on_policy is not None:
+            epoch_iterator = self.on_policy.batches(epoch_iterator, self.state.global_step, num_batches)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def _restore_on_policy(self, checkpoint) -> None:
+        """On resume: the replay buffer saved in ``checkpoint`` (the sampling RNG needs nothing: it is seeded by
+        the step)."""
+        if checkpoint and self.on_policy is not None:
+            self.on_policy.load(Path(checkpoint))
 
     # -- objective: one batch, dispatched once -----------------------------------------------------------------
 
@@ -676,6 +724,8 @@ class DistillationTrainer(Trainer):
                 logs["tokens_per_second"] = round(tokens / max(sum(durations), 1e-9), 1)
             self._tokens_since_log = 0
             logs["peak_memory_mb"] = round(peak_memory_mb(self.args.device), 1)
+            if self.on_policy is not None:
+                logs.update(self.on_policy.pop_logs(max(len(durations), 1)))
         super().log(logs, start_time)
 
 

@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from ..errors import ConfigError
 from .objective import objective_components, parse_objective
+from .on_policy import ON_POLICY_FIELDS, OnPolicyArguments
 from .parsing import normalise_switch, parse_json_dict
 
 TEACHER_SHARDINGS = ("auto", "replicate", "shard")
@@ -18,8 +19,8 @@ CHUNKED_LOSS_CHOICES = ("auto", "true", "false")
 
 
 @dataclass
-class DistillationConfig(TrainingArguments):
-    """``TrainingArguments`` plus the distillation fields.
+class DistillationConfig(TrainingArguments, OnPolicyArguments):
+    """``TrainingArguments`` plus the distillation fields (and the on-policy ones of ``OnPolicyArguments``).
 
     The training objective is ``alpha · T² · KD(student ‖ teacher; T) + (1 − alpha) · CE(student, labels)``,
     both terms averaged over the real (non-padding) next-token positions.
@@ -27,10 +28,11 @@ class DistillationConfig(TrainingArguments):
 
     _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "loss_kwargs", "objective"]
 
-    loss: str = field(
-        default="forward_kl",
+    loss: str | None = field(
+        default=None,
         metadata={
-            "help": "Distillation loss, a name in distily.LOSSES (forward_kl, reverse_kl, generalized_jsd, ...)."
+            "help": "Distillation loss, a name in distily.LOSSES (forward_kl, reverse_kl, generalized_jsd, ...). "
+            "Default: forward_kl; reverse_kl when the run samples its sequences (--lmbda > 0 or --seq_kd)."
         },
     )
     loss_kwargs: dict | str | None = field(
@@ -120,6 +122,7 @@ class DistillationConfig(TrainingArguments):
         # Distillation fields first: their errors are the ones a user is most likely to hit.
         from ..losses import LOSSES
 
+        self.validate_on_policy()  # resolves an unset --loss too
         if self.loss not in LOSSES:
             raise ConfigError(LOSSES.unknown_message(self.loss) + " Fix --loss.")
         self.loss_kwargs = parse_json_dict(self.loss_kwargs, "loss_kwargs", '{"beta": 0.5}') or {}
@@ -226,5 +229,6 @@ class DistillationConfig(TrainingArguments):
                 "objective",
                 "projector_learning_rate",
                 "max_train_seconds",
+                *ON_POLICY_FIELDS,
             )
         }
