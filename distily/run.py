@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .config import (
@@ -187,7 +188,7 @@ def train(
 
     started = time.time()
     phases = PhaseTimes()
-    cache = None
+    cache = ensemble = None
     if config.teacher_cache:
         with phases.phase("load teacher cache and student"):
             teacher, tokenizer, student, cache = _student_for_teacher_cache(teacher_args, student_args, config)
@@ -197,6 +198,8 @@ def train(
                 teacher, tokenizer = loaded_teacher
             else:
                 teacher, tokenizer = load_run_teacher(teacher_args, config)
+            # Several teachers (docs/teachers.md): the others, their tokenizers checked against the first's.
+            ensemble = load_more_teachers(teacher_args, config, teacher, tokenizer) if teacher_args.teachers else None
         with phases.phase("build student"):
             # Seeded before the student is built, so a randomly initialised student is the same in every run.
             set_seed(config.seed)
@@ -207,7 +210,8 @@ def train(
                 )
             else:
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
-    check_compatible(student, teacher, config)
+    for member in ensemble.members if ensemble is not None else [SimpleNamespace(model=teacher)]:
+        check_compatible(student, member.model, config, real_vocab_size=len(tokenizer))
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
@@ -229,7 +233,10 @@ def train(
         student = apply_lora(student, peft_args)
     # One process fills the datasets cache.
     with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
-        data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None)
+        data = prepare_datasets(
+            data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
+            routing=teacher_routing(teacher_args),
+        )  # fmt: skip
     if cache is not None:
         cache.check_compatible(source_fingerprints=data.source_fingerprints)
     logger.info(
@@ -238,7 +245,7 @@ def train(
     )  # fmt: skip
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher,
+        teacher_model=ensemble if ensemble is not None else teacher,
         args=config,
         train_dataset=data.train,
         eval_dataset=data.eval,
@@ -266,6 +273,7 @@ def train(
         teacher_parameters=count_parameters(teacher) if teacher is not None else None,
         teacher_cache=config.teacher_cache,
         teacher_gguf_tokenizer_pre=gguf_tokenizer_pre,
+        **({"teachers": ensemble_manifest(ensemble)} if ensemble is not None else {}),
         student=student_args.student,
         student_parameters=count_parameters(student),
         student_trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
@@ -387,8 +395,6 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
     student copies them (``--student_init`` auto with the teacher's width, or teacher), then released before
     training.
     """
-    from types import SimpleNamespace
-
     from transformers import set_seed
 
     from .students import _same_width, build_student, load_pretrained_student, student_config_from_teacher
@@ -444,6 +450,52 @@ def load_run_teacher(teacher_args: TeacherArguments, config: DistillationConfig)
         trust_remote_code=teacher_args.trust_remote_code,
         quantization_bits=bits,
     )
+
+
+def load_more_teachers(teacher_args: TeacherArguments, config: DistillationConfig, first, tokenizer):
+    """The :class:`~distily.teacher.ensemble.TeacherEnsemble` of ``teacher_args.teachers``: ``first`` (already
+    loaded, with ``tokenizer``) and the others, loaded one by one. Teachers whose tokenizers differ from the first's
+    are refused before anything is written."""
+    from .teacher.ensemble import TeacherEnsemble, TeacherMember, check_same_tokenizer
+
+    members, tokenizers = [], {}
+    for index, spec in enumerate(teacher_args.teachers):
+        if index == 0:
+            model, member_tokenizer = first, tokenizer
+        else:
+            device_config = SimpleNamespace(
+                teacher_device=spec["device"] or config.teacher_device, device=config.device
+            )
+            model, member_tokenizer = load_run_teacher(
+                dataclasses.replace(
+                    teacher_args, teacher=spec["teacher"], teachers=None, teacher_column=None, feature_teacher=None
+                ),
+                device_config,
+            )
+        tokenizers[spec["teacher"]] = member_tokenizer
+        check_same_tokenizer(tokenizers)
+        members.append(TeacherMember(model, spec["teacher"], spec["weight"], spec["device"]))
+    return TeacherEnsemble(
+        members, feature_teacher=teacher_args.feature_teacher, routed=teacher_args.teacher_column is not None
+    )
+
+
+def teacher_routing(teacher_args: TeacherArguments):
+    """``(column, teacher names)`` when examples name their teacher (``--teacher_column``), else None."""
+    if teacher_args.teacher_column is None:
+        return None
+    return teacher_args.teacher_column, teacher_args.teacher_names
+
+
+def ensemble_manifest(ensemble) -> list[dict]:
+    """Every teacher of a run for its manifest: name, normalised weight, device, parameters, whether the
+    hidden-state terms read it."""
+    from .students import count_parameters
+
+    described = ensemble.describe()
+    for entry, member in zip(described, ensemble.members, strict=True):
+        entry["parameters"] = count_parameters(member.model) if member.model is not None else None
+    return described
 
 
 def main_command() -> list[str]:
