@@ -192,6 +192,7 @@ def train(
     if config.teacher_cache:
         with phases.phase("load teacher cache and student"):
             teacher, tokenizer, student, cache = _student_for_teacher_cache(teacher_args, student_args, config)
+            ensemble = recorded_ensemble(teacher_args, config, cache) if "," in config.teacher_cache else None
     else:
         with phases.phase("load teacher"):
             if loaded_teacher is not None:
@@ -235,10 +236,11 @@ def train(
     with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
         data = prepare_datasets(
             data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
-            routing=teacher_routing(teacher_args),
+            routing=teacher_routing(teacher_args, ensemble),
         )  # fmt: skip
-    if cache is not None:
-        cache.check_compatible(source_fingerprints=data.source_fingerprints)
+    for recorded in [member.cache for member in ensemble.members] if ensemble is not None and cache else [cache]:
+        if recorded is not None:
+            recorded.check_compatible(source_fingerprints=data.source_fingerprints)
     logger.info(
         "Data: %d train blocks (%d documents), %d eval blocks (%d documents) of %d tokens.",
         len(data.train), data.train_documents, len(data.eval), data.eval_documents, config.seq_len,
@@ -400,7 +402,7 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
     from .students import _same_width, build_student, load_pretrained_student, student_config_from_teacher
     from .teacher.recorded import CacheError, TeacherCache
 
-    cache = TeacherCache(config.teacher_cache)
+    cache = TeacherCache(config.teacher_cache.split(",")[0].strip())  # the first of several: see recorded_ensemble
     cache.check_compatible(seq_len=config.seq_len, temperature=config.temperature, loss=config.loss)
     tokenizer = cache.load_tokenizer()
     set_seed(config.seed)
@@ -425,11 +427,18 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
         del teacher
     else:
         student = build_student(SimpleNamespace(config=teacher_config), student_args.student_config, init=init)
-    if student.config.vocab_size != cache.vocab_size:
+    if student.config.vocab_size != cache.vocab_size and not _padded_only(student, cache, tokenizer):
         raise CacheError(
             f"The student's vocabulary ({student.config.vocab_size}) is not the cache's ({cache.vocab_size})."
         )
     return None, tokenizer, student, cache
+
+
+def _padded_only(student, cache, tokenizer) -> bool:
+    """Whether the student's and the cache's vocabularies differ by padding rows only (:mod:`distily.vocab`)."""
+    from .vocab import vocab_alignment
+
+    return vocab_alignment(student.config.vocab_size, cache.vocab_size, len(tokenizer)) is not None
 
 
 def load_run_teacher(teacher_args: TeacherArguments, config: DistillationConfig):
@@ -480,11 +489,38 @@ def load_more_teachers(teacher_args: TeacherArguments, config: DistillationConfi
     )
 
 
-def teacher_routing(teacher_args: TeacherArguments):
-    """``(column, teacher names)`` when examples name their teacher (``--teacher_column``), else None."""
+def recorded_ensemble(teacher_args: TeacherArguments, config: DistillationConfig, first):
+    """The ensemble of ``--teacher_cache A,B``: one recorded teacher per cache (``first`` already open), each
+    checked against the run, all recorded with one tokenizer; named by their folder as given, weighted by
+    ``--teacher_weights``."""
+    from .errors import CacheError
+    from .teacher.cache import TeacherCache
+    from .teacher.ensemble import TeacherEnsemble, TeacherMember
+
+    paths = [path.strip() for path in config.teacher_cache.split(",")]
+    caches = [first] + [TeacherCache(path) for path in paths[1:]]
+    weights = [float(w) for w in teacher_args.teacher_weights.split(",")] if teacher_args.teacher_weights else None
+    if weights is not None and len(weights) != len(caches):
+        raise ConfigError(f"--teacher_weights lists {len(weights)} entries for {len(caches)} teacher caches.")
+    members = []
+    for index, (path, cache) in enumerate(zip(paths, caches, strict=True)):
+        cache.check_compatible(seq_len=config.seq_len, temperature=config.temperature, loss=config.loss)
+        if cache.identity["tokenizer_fingerprint"] != first.identity["tokenizer_fingerprint"]:
+            raise CacheError(
+                f"The teacher cache {path!r} was recorded with another tokenizer than {paths[0]!r}: several teachers "
+                "must share the student's tokenizer. Record both with teachers of one tokenizer family."
+            )
+        members.append(TeacherMember(None, path, weights[index] if weights else 1.0, cache=cache))
+    return TeacherEnsemble(members, routed=teacher_args.teacher_column is not None)
+
+
+def teacher_routing(teacher_args: TeacherArguments, ensemble=None):
+    """``(column, teacher names)`` when examples name their teacher (``--teacher_column``), else None. Live
+    teachers are named as given to ``--teacher``, recorded ones by their cache folder as given to
+    ``--teacher_cache``."""
     if teacher_args.teacher_column is None:
         return None
-    return teacher_args.teacher_column, teacher_args.teacher_names
+    return teacher_args.teacher_column, ensemble.names if ensemble is not None else teacher_args.teacher_names
 
 
 def ensemble_manifest(ensemble) -> list[dict]:

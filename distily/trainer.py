@@ -246,7 +246,10 @@ class DistillationTrainer(Trainer):
                 "hidden_states/attentions objective) to train the student on plain cross-entropy."
             )
         self.vocab_alignment = self._check_teachers(model, teacher_model, args, processing_class)
-        self.teacher_cache = self._open_teacher_cache(model, args, processing_class, kwargs)
+        # Several recorded teachers (--teacher_cache A,B) are the ensemble's members, each with its own cache.
+        self.teacher_cache = (
+            self._open_teacher_cache(model, args, processing_class, kwargs) if not self.teachers else None
+        )
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             if pad is None:

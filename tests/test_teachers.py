@@ -349,3 +349,9 @@ def test_a_run_with_two_teachers_lists_both_in_its_manifest(tmp_path, tiny_token
     assert [t["weight"] for t in manifest["teachers"]] == pytest.approx([0.25, 0.75])
     assert manifest["teachers"][0]["features"] and manifest["teachers"][1]["parameters"] > 0
     assert result.metrics_after["eval_student_ppl"] > 0
+    from distily.export import export
+
+    export(result.output_dir, ["safetensors"], "f32", tmp_path / "exported")
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "distilled from 2 teachers at once, each example routed to the teacher its `who` column names" in card
+    assert f"| `{a}` | 0.25 |" in card and f"| `{b}` | 0.75 |" in card

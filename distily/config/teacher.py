@@ -141,17 +141,15 @@ class TeacherArguments:
             specs = list(names)
         weights = _split_list(self.teacher_weights, "teacher_weights")
         devices = _split_list(self.teacher_devices, "teacher_devices")
-        if specs is None:
-            if weights is not None or devices is not None:
-                if len(weights or devices) != 1:
-                    raise ConfigError("--teacher_weights/--teacher_devices list one entry per --teacher.")
-                specs = [self.teacher]
-            else:
-                if self.teacher_column is not None:
-                    raise ConfigError(
-                        "--teacher_column routes examples between several teachers: give --teacher twice."
-                    )
-                return
+        if specs is None:  # one live teacher, or recorded ones (--teacher_cache A,B)
+            for value in weights or []:
+                _weight(value)
+            one = self.teacher is not None
+            if one and any(values is not None and len(values) != 1 for values in (weights, devices)):
+                raise ConfigError("--teacher_weights/--teacher_devices list one entry per --teacher.")
+            if one and self.teacher_column is not None:
+                raise ConfigError("--teacher_column routes examples between several teachers: give --teacher twice.")
+            return
         specs = [self._teacher_spec(spec) for spec in specs]
         for flag, values, key in (("teacher_weights", weights, "weight"), ("teacher_devices", devices, "device")):
             if values is None:
