@@ -19,7 +19,6 @@ teachers' eval perplexities, seconds per step.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import shutil
@@ -169,7 +168,10 @@ def main(argv=None) -> int:
         student.save_pretrained(student_dir)
         tokenizer.save_pretrained(student_dir)
     teacher_b_dir = out / "teacher-b"
-    made = make_teacher_b(args, copy.deepcopy(teacher_a), tokenizer, teacher_b_dir)
+    # A plain copy of A (all 30 layers, every weight copied; no GGUF quantisation attributes, so it can be saved).
+    copy_of_a = build_student(teacher_a, {}, init="teacher")
+    assert all(torch.equal(t, copy_of_a.state_dict()[k]) for k, t in teacher_a.state_dict().items())
+    made = make_teacher_b(args, copy_of_a, tokenizer, teacher_b_dir)
     print("Teacher B:", json.dumps(made), flush=True)
     results = {"teacher_b": made, "settings": vars(args), "runs": {}}
     results["runs"]["A alone"] = run("a-alone", {"teacher": TEACHER_A}, student_dir, args, (teacher_a, tokenizer))

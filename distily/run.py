@@ -421,7 +421,9 @@ def _student_for_teacher_cache(teacher_args: TeacherArguments, student_args: Stu
         logger.info(
             "Loading teacher %s once to initialise the student from its weights; training uses the cache.", name
         )
-        teacher, teacher_tokenizer = load_run_teacher(dataclasses.replace(teacher_args, teacher=name), config)
+        teacher, teacher_tokenizer = load_run_teacher(
+            dataclasses.replace(teacher_args, teacher=name, teacher_weights=None), config
+        )
         cache.check_compatible(tokenizer=teacher_tokenizer, vocab_size=teacher.config.vocab_size)
         student = build_student(teacher, student_args.student_config, init=init)
         del teacher

@@ -356,6 +356,9 @@ class DistillationTrainer(Trainer):
             if member.model is None:
                 devices.append(None)
             elif member.model is self.teacher:
+                if member.device is not None:  # its own device rather than teacher_device
+                    self.teacher_input_device = torch.device(member.device)
+                    self.teacher.to(self.teacher_input_device)
                 devices.append(self.teacher_input_device)
             elif member.device is not None:
                 freeze(member.model).to(torch.device(member.device))

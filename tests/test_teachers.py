@@ -307,12 +307,13 @@ def save_teacher(folder, tokenizer, seed):
     return str(folder)
 
 
-def run_args(tmp_path, dataset, **teacher):
+def run_args(tmp_path, dataset, config_overrides=None, **teacher):
     from distily import DistillationConfig
 
     config = DistillationConfig(
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
-        report_to="none", use_cpu=True, seq_len=16, save_strategy="no", disable_tqdm=True,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        **{"seq_len": 16, **(config_overrides or {})},
     )  # fmt: skip
     return dict(
         teacher_args=TeacherArguments(teacher_dtype="float32", **teacher),
@@ -355,3 +356,26 @@ def test_a_run_with_two_teachers_lists_both_in_its_manifest(tmp_path, tiny_token
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "distilled from 2 teachers at once, each example routed to the teacher its `who` column names" in card
     assert f"| `{a}` | 0.25 |" in card and f"| `{b}` | 0.75 |" in card
+
+
+def test_two_recorded_teachers_train_from_their_caches(tmp_path, teacher_dir, text_corpus):  # noqa: F811
+    import json
+
+    from distily.teacher.recorded import record
+
+    from .test_record import record_args
+
+    caches = []
+    for name in ("c1", "c2"):
+        caches.append(str(tmp_path / name))
+        record(*record_args(teacher_dir, text_corpus, tmp_path / name, tail_samples=0), progress=False)
+    args = run_args(tmp_path, text_corpus, {"teacher_cache": ",".join(caches), "seq_len": 32})
+    args["teacher_args"] = TeacherArguments(teacher_weights="1,3")
+    args["data_args"] = DataArguments(
+        dataset=str(text_corpus), eval_fraction=0.1, max_train_blocks=20, max_eval_blocks=6
+    )
+    result = train(**args)
+    manifest = json.loads((result.output_dir / "distily_run.json").read_text())
+    assert [t["name"] for t in manifest["teachers"]] == caches
+    assert [t["weight"] for t in manifest["teachers"]] == pytest.approx([0.25, 0.75])
+    assert result.metrics_after["eval_teacher_ppl"] == pytest.approx(result.metrics_before["eval_teacher_ppl"])
