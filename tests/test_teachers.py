@@ -197,9 +197,12 @@ def test_routing_uses_the_named_teacher(tmp_path, chunked):
         part = {key: tensor[rows] for key, tensor in batch.items() if key != "teacher_ids"}
         halves.append(loss_and_grads(alone, part)[0])
     torch.testing.assert_close(value, (halves[0] + halves[1]) / 2, rtol=1e-5, atol=1e-6)
-    # A batch routed entirely to a is teacher a's loss, b never runs.
+    # A batch routed entirely to a is teacher a's loss, b never runs (it does run on the mixed batch).
     calls = []
-    handle = b.register_forward_hook(lambda *args: calls.append(1))
+    handle = b.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    loss_and_grads(routed, batch)
+    assert calls
+    calls.clear()
     only_a = batch_of(routed, route=[0, 0, 0, 0])
     expected = loss_and_grads(trainer_for(tmp_path, student, a, chunked_loss=chunked), batch_of(routed))[0]
     torch.testing.assert_close(loss_and_grads(routed, only_a)[0], expected, rtol=1e-5, atol=1e-6)
