@@ -87,7 +87,7 @@ def make_teacher_b(args, teacher, tokenizer, folder: Path) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     seconds = time.time() - started
     model.requires_grad_(False)
     ppl_after = eval_ppl(model, data.eval, collator)
@@ -148,11 +148,11 @@ def run(name: str, teacher: dict, student: Path, args, loaded=None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-multi-teacher")
-    parser.add_argument("--max_steps", type=int, default=30)
+    parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--eval_blocks", type=int, default=16)
-    parser.add_argument("--adapt_steps", type=int, default=40)
+    parser.add_argument("--adapt_steps", type=int, default=12)
     parser.add_argument("--adapt_layers", type=int, default=4)
-    parser.add_argument("--adapt_lr", type=float, default=2e-4)
+    parser.add_argument("--adapt_lr", type=float, default=5e-4)
     parser.add_argument("--quick", action="store_true", help="2 adaptation steps, 2 training steps, 4 eval blocks")
     args = parser.parse_args(argv)
     if args.quick:
@@ -179,11 +179,11 @@ def main(argv=None) -> int:
     results["runs"]["B alone"] = run("b-alone", {"teacher": str(teacher_b_dir)}, student_dir, args)
     results["runs"]["A+B mixture"] = run("mixture", {"teachers": [TEACHER_A, str(teacher_b_dir)]}, student_dir, args)
     write_json_atomic(out / "results.json", results)
-    print(f"\n{'run':<14}{'student ppl before':>20}{'after':>10}{'teacher ppl':>13}{'s/step':>8}")
+    print(f"\n{'run':<14}{'student ppl before':>20}{'after':>12}{'teacher ppl':>13}{'s/step':>8}")
     for name, row in results["runs"].items():
         print(
-            f"{name:<14}{row['eval_student_ppl_before']:>20.3f}{row['eval_student_ppl']:>10.3f}"
-            f"{row['eval_teacher_ppl'] or float('nan'):>13.3f}{row['seconds_per_step'] or float('nan'):>8}"
+            f"{name:<14}{row['eval_student_ppl_before']:>20.5g}{row['eval_student_ppl']:>12.5g}"
+            f"{row['eval_teacher_ppl'] or float('nan'):>13.4f}{row['seconds_per_step'] or float('nan'):>8}"
         )
     return 0
 
