@@ -223,8 +223,8 @@ class DistillationTrainer(Trainer):
         self.teachers: TeacherEnsemble | None = as_ensemble(teacher_model)
         if self.teachers is not None:
             teacher_model = self.teachers.feature_member.model
-            if self.teachers.routed:
-                args.remove_unused_columns = False  # the batches keep their teacher_ids column
+            if self.teachers.routed or self.teachers.recorded:
+                args.remove_unused_columns = False  # the batches keep their teacher_ids / block_index columns
         if teacher_model is not None and args.teacher_cache:
             raise ValueError(
                 "Pass either teacher_model (a live teacher) or args.teacher_cache (a recorded one), not both: with a "
@@ -233,7 +233,7 @@ class DistillationTrainer(Trainer):
         components = objective_components(args.objective)
         logits_weight = sum(c.weight for c in components if c.signal == "logits")
         intermediate_components = [c for c in components if c.signal != "logits"]
-        if args.teacher_cache and intermediate_components:
+        if (args.teacher_cache or (self.teachers is not None and self.teachers.recorded)) and intermediate_components:
             raise ValueError(
                 "A recorded teacher (teacher_cache) holds logits only; hidden_states/attentions objectives need a live "
                 "teacher_model. Drop those objective components or the teacher cache."
