@@ -220,6 +220,12 @@ def test_hidden_state_terms_read_the_named_teacher(tmp_path):
     ensemble = TeacherEnsemble([TeacherMember(a, "a"), TeacherMember(b, "b")], feature_teacher="b")
     value = loss_and_grads(trainer_for(tmp_path, student, ensemble, **config), batch_of_plain())[0]
     assert value == losses["b"] and value != losses["a"]
+    # With the logit term too: the mixture's KD plus b's hidden-state term (the hooks capture b while the mixture
+    # runs both teachers).
+    both = {"logits": 1.0, "hidden_states": objective["hidden_states"]}
+    combined = loss_and_grads(trainer_for(tmp_path, student, ensemble, objective=both), batch_of_plain())[0]
+    kd_only = loss_and_grads(trainer_for(tmp_path, student, ensemble), batch_of_plain())[0]
+    torch.testing.assert_close(combined, kd_only + losses["b"], rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="--feature_teacher 'c' is none of the teachers: a, b"):
         TeacherEnsemble([TeacherMember(a, "a"), TeacherMember(b, "b")], feature_teacher="c")
 
