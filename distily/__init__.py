@@ -15,6 +15,7 @@ from .projectors import PROJECTORS, build_projector, register_projector
 from .pruning import prune
 from .registry import Registry, UnknownNameError
 from .students import build_student
+from .teacher.ensemble import TeacherEnsemble, TeacherMember
 from .teacher.loading import EMBEDDED_TEACHERS, load_teacher
 from .teacher.synth import SynthArguments, synthesize
 from .teacher.templates import TEMPLATES, TaskTemplate, register_template
@@ -39,6 +40,8 @@ __all__ = [
     "SynthArguments",
     "TaskTemplate",
     "TeacherArguments",
+    "TeacherEnsemble",
+    "TeacherMember",
     "UnknownNameError",
     "__version__",
     "build_loss",

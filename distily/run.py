@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .config import (
@@ -197,18 +198,21 @@ def train(
 
     started = time.time()
     phases = PhaseTimes()
-    cache = None
+    cache = ensemble = None
     if config.teacher_cache:
         with phases.phase("load teacher cache and student"):
             teacher, tokenizer, student, cache = _student_for_teacher_cache(
                 teacher_args, student_args, config, data_args=data_args
             )
+            ensemble = recorded_ensemble(teacher_args, config, cache) if "," in config.teacher_cache else None
     else:
         with phases.phase("load teacher"):
             if loaded_teacher is not None:
                 teacher, tokenizer = loaded_teacher
             else:
                 teacher, tokenizer = load_run_teacher(teacher_args, config)
+            # Several teachers (docs/teachers.md): the others, their tokenizers checked against the first's.
+            ensemble = load_more_teachers(teacher_args, config, teacher, tokenizer) if teacher_args.teachers else None
         with phases.phase("build student"):
             # Seeded before the student is built, so a randomly initialised student is the same in every run.
             set_seed(config.seed)
@@ -221,7 +225,8 @@ def train(
                 student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
             else:
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
-    check_compatible(student, teacher, config)
+    for member in ensemble.members if ensemble is not None else [SimpleNamespace(model=teacher)]:
+        check_compatible(student, member.model, config, real_vocab_size=len(tokenizer))
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
@@ -243,16 +248,20 @@ def train(
         student = apply_lora(student, peft_args)
     # One process fills the datasets cache.
     with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
-        data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None)
-    if cache is not None:
-        cache.check_compatible(source_fingerprints=data.source_fingerprints)
+        data = prepare_datasets(
+            data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
+            routing=teacher_routing(teacher_args, ensemble),
+        )  # fmt: skip
+    for recorded in [member.cache for member in ensemble.members] if ensemble is not None and cache else [cache]:
+        if recorded is not None:
+            recorded.check_compatible(source_fingerprints=data.source_fingerprints)
     logger.info(
         "Data: %d train blocks (%d documents), %d eval blocks (%d documents) of %d tokens.",
         len(data.train), data.train_documents, len(data.eval), data.eval_documents, config.seq_len,
     )  # fmt: skip
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher,
+        teacher_model=ensemble if ensemble is not None else teacher,
         args=config,
         train_dataset=data.train,
         eval_dataset=data.eval,
@@ -280,6 +289,7 @@ def train(
         teacher_parameters=count_parameters(teacher) if teacher is not None else None,
         teacher_cache=config.teacher_cache,
         teacher_gguf_tokenizer_pre=gguf_tokenizer_pre,
+        **({"teachers": ensemble_manifest(ensemble)} if ensemble is not None else {}),
         student=student_args.student,
         student_parameters=count_parameters(student),
         student_trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
@@ -408,14 +418,12 @@ def _student_for_teacher_cache(
     student copies them (``--student_init`` auto with the teacher's width, or teacher), then released before
     training.
     """
-    from types import SimpleNamespace
-
     from transformers import set_seed
 
     from .students import _same_width, build_student, load_pretrained_student, student_config_from_teacher
     from .teacher.recorded import CacheError, TeacherCache
 
-    cache = TeacherCache(config.teacher_cache)
+    cache = TeacherCache(config.teacher_cache.split(",")[0].strip())  # the first of several: see recorded_ensemble
     cache.check_compatible(seq_len=config.seq_len, temperature=config.temperature, loss=config.loss)
     tokenizer = cache.load_tokenizer()
     set_seed(config.seed)
@@ -434,7 +442,9 @@ def _student_for_teacher_cache(
         logger.info(
             "Loading teacher %s once to initialise the student from its weights; training uses the cache.", name
         )
-        teacher, teacher_tokenizer = load_run_teacher(dataclasses.replace(teacher_args, teacher=name), config)
+        teacher, teacher_tokenizer = load_run_teacher(
+            dataclasses.replace(teacher_args, teacher=name, teacher_weights=None), config
+        )
         cache.check_compatible(tokenizer=teacher_tokenizer, vocab_size=teacher.config.vocab_size)
         if init == "prune":  # calibration blocks from the train split, as without a cache
             from .pruning.calibration import prune_student
@@ -445,11 +455,18 @@ def _student_for_teacher_cache(
         del teacher
     else:
         student = build_student(SimpleNamespace(config=teacher_config), student_args.student_config, init=init)
-    if student.config.vocab_size != cache.vocab_size:
+    if student.config.vocab_size != cache.vocab_size and not _padded_only(student, cache, tokenizer):
         raise CacheError(
             f"The student's vocabulary ({student.config.vocab_size}) is not the cache's ({cache.vocab_size})."
         )
     return None, tokenizer, student, cache
+
+
+def _padded_only(student, cache, tokenizer) -> bool:
+    """Whether the student's and the cache's vocabularies differ by padding rows only (:mod:`distily.vocab`)."""
+    from .vocab import vocab_alignment
+
+    return vocab_alignment(student.config.vocab_size, cache.vocab_size, len(tokenizer)) is not None
 
 
 def load_run_teacher(teacher_args: TeacherArguments, config: DistillationConfig):
@@ -470,6 +487,79 @@ def load_run_teacher(teacher_args: TeacherArguments, config: DistillationConfig)
         trust_remote_code=teacher_args.trust_remote_code,
         quantization_bits=bits,
     )
+
+
+def load_more_teachers(teacher_args: TeacherArguments, config: DistillationConfig, first, tokenizer):
+    """The :class:`~distily.teacher.ensemble.TeacherEnsemble` of ``teacher_args.teachers``: ``first`` (already
+    loaded, with ``tokenizer``) and the others, loaded one by one. Teachers whose tokenizers differ from the first's
+    are refused before anything is written."""
+    from .teacher.ensemble import TeacherEnsemble, TeacherMember, check_same_tokenizer
+
+    members, tokenizers = [], {}
+    for index, spec in enumerate(teacher_args.teachers):
+        if index == 0:
+            model, member_tokenizer = first, tokenizer
+        else:
+            device_config = SimpleNamespace(
+                teacher_device=spec["device"] or config.teacher_device, device=config.device
+            )
+            model, member_tokenizer = load_run_teacher(
+                dataclasses.replace(
+                    teacher_args, teacher=spec["teacher"], teachers=None, teacher_column=None, feature_teacher=None
+                ),
+                device_config,
+            )
+        tokenizers[spec["teacher"]] = member_tokenizer
+        check_same_tokenizer(tokenizers)
+        members.append(TeacherMember(model, spec["teacher"], spec["weight"], spec["device"]))
+    return TeacherEnsemble(
+        members, feature_teacher=teacher_args.feature_teacher, routed=teacher_args.teacher_column is not None
+    )
+
+
+def recorded_ensemble(teacher_args: TeacherArguments, config: DistillationConfig, first):
+    """The ensemble of ``--teacher_cache A,B``: one recorded teacher per cache (``first`` already open), each
+    checked against the run, all recorded with one tokenizer; named by their folder as given, weighted by
+    ``--teacher_weights``."""
+    from .errors import CacheError
+    from .teacher.cache import TeacherCache
+    from .teacher.ensemble import TeacherEnsemble, TeacherMember
+
+    paths = [path.strip() for path in config.teacher_cache.split(",")]
+    caches = [first] + [TeacherCache(path) for path in paths[1:]]
+    weights = [float(w) for w in teacher_args.teacher_weights.split(",")] if teacher_args.teacher_weights else None
+    if weights is not None and len(weights) != len(caches):
+        raise ConfigError(f"--teacher_weights lists {len(weights)} entries for {len(caches)} teacher caches.")
+    members = []
+    for index, (path, cache) in enumerate(zip(paths, caches, strict=True)):
+        cache.check_compatible(seq_len=config.seq_len, temperature=config.temperature, loss=config.loss)
+        if cache.identity["tokenizer_fingerprint"] != first.identity["tokenizer_fingerprint"]:
+            raise CacheError(
+                f"The teacher cache {path!r} was recorded with another tokenizer than {paths[0]!r}: several teachers "
+                "must share the student's tokenizer. Record both with teachers of one tokenizer family."
+            )
+        members.append(TeacherMember(None, path, weights[index] if weights else 1.0, cache=cache))
+    return TeacherEnsemble(members, routed=teacher_args.teacher_column is not None)
+
+
+def teacher_routing(teacher_args: TeacherArguments, ensemble=None):
+    """``(column, teacher names)`` when examples name their teacher (``--teacher_column``), else None. Live
+    teachers are named as given to ``--teacher``, recorded ones by their cache folder as given to
+    ``--teacher_cache``."""
+    if teacher_args.teacher_column is None:
+        return None
+    return teacher_args.teacher_column, ensemble.names if ensemble is not None else teacher_args.teacher_names
+
+
+def ensemble_manifest(ensemble) -> list[dict]:
+    """Every teacher of a run for its manifest: name, normalised weight, device, parameters, whether the
+    hidden-state terms read it."""
+    from .students import count_parameters
+
+    described = ensemble.describe()
+    for entry, member in zip(described, ensemble.members, strict=True):
+        entry["parameters"] = count_parameters(member.model) if member.model is not None else None
+    return described
 
 
 def main_command() -> list[str]:

@@ -50,8 +50,17 @@ from .losses import build_loss
 from .on_policy import OnPolicyCallback, OnPolicySampler, build_sampler
 from .run_folder import RunFolder
 from .teacher.cache import SPLIT_IDS, CacheError, TeacherCache
+from .teacher.ensemble import (
+    MixtureSignal,
+    SparseMixtureSignal,
+    TeacherEnsemble,
+    as_ensemble,
+    eager_mixture,
+    live_head_signal,
+)
 from .teacher.loading import freeze
 from .timing import TrainTimeBudget
+from .vocab import VocabAlignment, vocab_alignment
 
 TEACHER_CACHE_SPLITS = {value: name for name, value in SPLIT_IDS.items()}
 
@@ -139,8 +148,12 @@ def _positions_vocab(model: nn.Module) -> tuple[int | None, int | None]:
     return positions, getattr(config, "vocab_size", None)
 
 
-def check_compatible(student: nn.Module, teacher: nn.Module | None, args: DistillationConfig) -> None:
-    """Refuse a seq_len longer than either model's positions, or a student whose vocabulary is not the teacher's."""
+def check_compatible(
+    student: nn.Module, teacher: nn.Module | None, args: DistillationConfig, real_vocab_size: int | None = None
+) -> None:
+    """Refuse a seq_len longer than either model's positions, or a student whose vocabulary is not the teacher's
+    (embedding rows that differ only by padding past the shared tokenizer's ``real_vocab_size`` tokens are aligned,
+    :mod:`distily.vocab`)."""
     student_positions, student_vocab = _positions_vocab(student)
     if student_positions is not None and args.seq_len > student_positions:
         raise ConfigError(
@@ -156,11 +169,7 @@ def check_compatible(student: nn.Module, teacher: nn.Module | None, args: Distil
             f"Lower --seq_len to at most {teacher_positions}."
         )
     if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
-        raise ConfigError(
-            f"The student's vocabulary ({student_vocab} tokens) differs from the teacher's ({teacher_vocab}). "
-            "Logit distillation compares distributions over the same tokens: build the student from the "
-            "teacher (distily.build_student) or pick a student that shares the teacher's tokenizer."
-        )
+        vocab_alignment(student_vocab, teacher_vocab, real_vocab_size)  # raises unless the rows differ by padding
 
 
 @dataclass
@@ -211,6 +220,12 @@ class DistillationTrainer(Trainer):
             )
         if model is None:
             raise ValueError("DistillationTrainer needs model= (the student to train).")
+        # Several teachers (distily.teacher.ensemble): the one the hidden-state terms read stands as the teacher.
+        self.teachers: TeacherEnsemble | None = as_ensemble(teacher_model)
+        if self.teachers is not None:
+            teacher_model = self.teachers.feature_member.model
+            if self.teachers.routed or self.teachers.recorded:
+                args.remove_unused_columns = False  # the batches keep their teacher_ids / block_index columns
         if teacher_model is not None and args.teacher_cache:
             raise ValueError(
                 "Pass either teacher_model (a live teacher) or args.teacher_cache (a recorded one), not both: with a "
@@ -219,20 +234,23 @@ class DistillationTrainer(Trainer):
         components = objective_components(args.objective)
         logits_weight = sum(c.weight for c in components if c.signal == "logits")
         intermediate_components = [c for c in components if c.signal != "logits"]
-        if args.teacher_cache and intermediate_components:
+        if (args.teacher_cache or (self.teachers is not None and self.teachers.recorded)) and intermediate_components:
             raise ValueError(
                 "A recorded teacher (teacher_cache) holds logits only; hidden_states/attentions objectives need a live "
                 "teacher_model. Drop those objective components or the teacher cache."
             )
         needs_teacher = (args.alpha > 0 and logits_weight > 0) or intermediate_components
-        if teacher_model is None and not args.teacher_cache and needs_teacher:
+        if teacher_model is None and not args.teacher_cache and needs_teacher and self.teachers is None:
             raise ValueError(
                 f"alpha={args.alpha} weights a distillation term but no teacher_model was given. Pass "
                 "teacher_model=..., or args.teacher_cache (a recorded teacher), or set alpha=0 (and no "
                 "hidden_states/attentions objective) to train the student on plain cross-entropy."
             )
-        check_compatible(model, teacher_model, args)
-        self.teacher_cache = self._open_teacher_cache(model, args, processing_class, kwargs)
+        self.vocab_alignment = self._check_teachers(model, teacher_model, args, processing_class)
+        # Several recorded teachers (--teacher_cache A,B) are the ensemble's members, each with its own cache.
+        self.teacher_cache = (
+            self._open_teacher_cache(model, args, processing_class, kwargs) if not self.teachers else None
+        )
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             if pad is None:
@@ -246,6 +264,7 @@ class DistillationTrainer(Trainer):
         self.teacher_input_device = self.args.device
         if self.teacher is not None:
             self.teacher, self.teacher_input_device = place_teacher(self.teacher, self.accelerator, self.args)
+        self._member_devices = self._place_members() if self.teachers is not None else []
         self.loss_fn = build_loss(args.loss, args.loss_kwargs)
         self.logits_weight = logits_weight
         # Hidden-state and attention components with their projectors (trained with the student, never exported).
@@ -260,7 +279,7 @@ class DistillationTrainer(Trainer):
                 "BitNet student's latent weights at bitnet.learning_rate. Pass optimizer_cls_and_kwargs=(cls, "
                 "kwargs) instead, so that the trainer builds the groups with that optimizer."
             )
-        self.chunked = self._use_chunked_loss()
+        self.chunked = self._use_chunked_loss() and self._members_allow_chunked()
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
         self.loss_chunk_size = args.loss_chunk_size or auto_chunk_size(vocab, self.args.device)
         self.step_timer = StepTimer()
@@ -286,11 +305,15 @@ class DistillationTrainer(Trainer):
             return None
         cache = TeacherCache(args.teacher_cache)
         tokenizer = processing_class if hasattr(processing_class, "backend_tokenizer") else None
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        real = len(processing_class) if hasattr(processing_class, "__len__") else None
+        if vocab_alignment(vocab, cache.vocab_size, real) is not None:
+            vocab = None  # rows that differ by padding only: aligned on the real vocabulary (distily.vocab)
         cache.check_compatible(
             seq_len=args.seq_len,
             temperature=args.temperature,
             tokenizer=tokenizer,
-            vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
+            vocab_size=vocab,
             loss=args.loss,
         )
         for name, split in (("train_dataset", "train"), ("eval_dataset", "eval")):
@@ -311,6 +334,54 @@ class DistillationTrainer(Trainer):
                         [b for b, s in zip(part["block_index"], part["block_split"], strict=True) if s == split_id],
                     )
         return cache
+
+    def _check_teachers(self, model, teacher_model, args, processing_class) -> VocabAlignment | None:
+        """``check_compatible`` for the teacher (every teacher of an ensemble), and the real-vocabulary alignment
+        when their embedding rows differ only by padding (:mod:`distily.vocab`); None when they are equal."""
+        real = len(processing_class) if hasattr(processing_class, "__len__") else None
+        teachers = [m.model for m in self.teachers.members] if self.teachers is not None else [teacher_model]
+        for teacher in teachers:
+            check_compatible(model, teacher, args, real_vocab_size=real)
+        student_rows = _positions_vocab(model)[1]
+        rows = [_positions_vocab(teacher)[1] for teacher in teachers if teacher is not None]
+        if self.teachers is not None and self.teachers.recorded:
+            rows = [m.cache.vocab_size for m in self.teachers.members]
+        elif args.teacher_cache:
+            rows = [TeacherCache(args.teacher_cache).vocab_size]
+        return vocab_alignment(student_rows, rows, real) if rows else None
+
+    def _place_members(self) -> list[torch.device]:
+        """Each live teacher of the ensemble on its own device (``TeacherMember.device``, else where
+        ``teacher_device`` puts a single teacher); the input device of each, in order."""
+        devices = []
+        for member in self.teachers.members:
+            if member.model is None:
+                devices.append(None)
+            elif member.model is self.teacher:
+                if member.device is not None:  # its own device rather than teacher_device
+                    self.teacher_input_device = torch.device(member.device)
+                    self.teacher.to(self.teacher_input_device)
+                devices.append(self.teacher_input_device)
+            elif member.device is not None:
+                freeze(member.model).to(torch.device(member.device))
+                devices.append(torch.device(member.device))
+            else:
+                member.model, device = place_teacher(freeze(member.model), self.accelerator, self.args)
+                devices.append(device)
+        described = ", ".join(f"{t['name']} (weight {t['weight']:.3g})" for t in self.teachers.describe())
+        routed = ", routed by the data's teacher column" if self.teachers.routed else ""
+        logger.info("Teachers: %s%s; hidden-state terms read %s.", described, routed, self.teachers.feature_teacher)
+        return devices
+
+    def _members_allow_chunked(self) -> bool:
+        """Whether every live teacher of an ensemble gives its logits as ``head(final hidden state)``."""
+        for member in self.teachers.members if self.teachers is not None else []:
+            if member.model is not None and member.model is not self.teacher:
+                problem = hidden_state_path_problem(member.model, teacher=True)
+                if problem:
+                    logger.warning("Computing losses from full logits: teacher %s: %s.", member.name, problem)
+                    return False
+        return True
 
     def _use_chunked_loss(self) -> bool:
         """Whether this run takes the chunked loss path (``chunked_loss``: auto, true or false).
@@ -479,8 +550,8 @@ class DistillationTrainer(Trainer):
 
     @property
     def has_teacher(self) -> bool:
-        """A live or a recorded teacher."""
-        return self.teacher is not None or self.teacher_cache is not None
+        """A live or a recorded teacher (or several)."""
+        return self.teacher is not None or self.teacher_cache is not None or self.teachers is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation objective (see the class docstring), normalised by the number of real tokens.
@@ -535,7 +606,7 @@ class DistillationTrainer(Trainer):
     def _token_objective(self, batch: LossBatch, signal: TeacherSignal | None) -> TokenObjective:
         """The per-token logit terms of the batch (``distily.chunked.TokenObjective``), the same on every path."""
         args: DistillationConfig = self.args
-        return TokenObjective(
+        objective = TokenObjective(
             labels=batch.labels[batch.mask],
             loss_fn=self.loss_fn if batch.kd else None,
             teacher=signal,
@@ -548,6 +619,8 @@ class DistillationTrainer(Trainer):
             sequence_ids=None if batch.training else sequence_index(batch.mask),
             num_sequences=batch.mask.shape[0],
         )
+        # Embedding rows that differ by padding: every term on the shared real vocabulary (distily.vocab).
+        return self.vocab_alignment.objective(objective) if self.vocab_alignment is not None else objective
 
     def _add_feature_terms(self, total: torch.Tensor, student_features: dict, teacher_features: dict):
         """``total`` plus every hidden-state/attention component's weighted sum over the real tokens, and those sums
@@ -582,9 +655,35 @@ class DistillationTrainer(Trainer):
         a recorded teacher's top-k rows (:meth:`_recorded_signal`), or a live teacher's final hidden states with
         its head applied per chunk (:meth:`_live_head_signal`, chunked path) or its full logits
         (:meth:`_live_logits_signal`, plain path)."""
+        if self.teachers is not None:
+            return self._mixture_signal(inputs, mask, chunked)
         if self.teacher_cache is not None:
             return self._recorded_signal(inputs, mask)
         return self._live_head_signal(inputs, mask) if chunked else self._live_logits_signal(inputs, mask)
+
+    def _mixture_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, chunked: bool) -> TeacherSignal:
+        """Several teachers (:mod:`distily.teacher.ensemble`): the weighted mixture of their distributions, or the
+        teacher each token is routed to. Live teachers run one after another; a teacher no token of a routed
+        batch names is not run (unless the hidden-state terms read it)."""
+        ensemble, temperature = self.teachers, self.args.temperature
+        log_weights = ensemble.batch_log_weights(inputs, mask)
+        used = [True] * len(ensemble.members)
+        if ensemble.routed:
+            routed = set(ensemble.batch_route(inputs, mask).unique().tolist())
+            reads = ensemble.feature_teacher if self.intermediate is not None else None
+            used = [i in routed or m.name == reads for i, m in enumerate(ensemble.members)]
+        size = self.vocab_alignment.size if self.vocab_alignment is not None else _positions_vocab(self.model)[1]
+        if ensemble.recorded:
+            device = inputs["input_ids"].device
+            caches = [m.cache if u else None for m, u in zip(ensemble.members, used, strict=True)]
+            members = [cache.signal(inputs, mask, device) if cache is not None else None for cache in caches]
+            return SparseMixtureSignal(members, log_weights, size)
+        models = zip(ensemble.members, self._member_devices, used, strict=True)
+        entries = [(m.model, device) if u else None for m, device, u in models]
+        if not chunked:
+            return eager_mixture(entries, inputs, mask, log_weights, temperature, size)
+        members = [live_head_signal(*entry, inputs, mask) if entry is not None else None for entry in entries]
+        return MixtureSignal(members, log_weights, temperature, size)
 
     def _recorded_signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> TeacherSignal:
         """``args.teacher_cache``: the top-k rows recorded for the batch's blocks (no teacher runs)."""

@@ -212,7 +212,8 @@ def test_bad_pairs_are_refused(tmp_path):
 PUBLIC_API = [
     "ConfigError", "DataArguments", "DistillationConfig", "DistillationTrainer", "DistilyError", "EMBEDDED_TEACHERS",
     "FEATURE_LOSSES", "FEATURE_NORMS", "LAYER_MAPPERS", "LOSSES", "PROJECTORS", "Registry", "StudentArguments",
-    "SynthArguments", "TEMPLATES", "TaskTemplate", "TeacherArguments", "UnknownNameError", "__version__",
+    "SynthArguments", "TEMPLATES", "TaskTemplate", "TeacherArguments", "TeacherEnsemble", "TeacherMember",
+    "UnknownNameError", "__version__",
     "build_loss", "build_projector", "build_student", "distillation_loss", "load_teacher", "map_layers", "prune",
     "register_feature_loss", "register_feature_norm", "register_layer_mapper", "register_loss", "register_projector",
     "register_template", "synthesize",

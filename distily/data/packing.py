@@ -17,6 +17,7 @@ from datasets import Dataset
 from ..config import DataArguments
 from ..errors import DataError
 from .hashing import PACKING_VERSION, stable_hash, tokenizer_fingerprint
+from .routing import ROUTE_COLUMN, pack_routed_dataset
 from .sources import load_documents
 from .synth_format import REQUEST_COLUMN, pack_synth_dataset
 
@@ -81,12 +82,13 @@ class PreparedData:
 
 
 def prepare_datasets(
-    args: DataArguments, tokenizer, seq_len: int, seed: int = 42, block_index: bool = False
+    args: DataArguments, tokenizer, seq_len: int, seed: int = 42, block_index: bool = False, routing=None
 ) -> PreparedData:
     """Load, split, tokenise and pack; errors name the problem (empty data, text too short, ...).
 
     ``block_index=True`` adds a ``block_index`` column (the block's row in its packed split, before any
     selection) and a ``block_split`` column (0 train, 1 eval): they name the rows of a recorded teacher.
+    ``routing=(column, teacher names)`` adds each token's teacher index (:mod:`distily.data.routing`).
     """
     documents = load_documents(args)
     packed = {}
@@ -98,6 +100,11 @@ def prepare_datasets(
                 documents[split], tokenizer, seq_len, args.prompt_loss, args.preprocessing_num_workers,
                 desc=f"Packing {split} samples",
             )  # fmt: skip
+        elif routing is not None:
+            column, names = routing
+            blocks = pack_routed_dataset(
+                documents[split], tokenizer, seq_len, column, names, args.preprocessing_num_workers, f"Packing {split}"
+            )
         else:
             blocks = pack_dataset(
                 documents[split], tokenizer, seq_len, args.preprocessing_num_workers, desc=f"Packing {split} blocks"
@@ -146,6 +153,10 @@ class BlockCollator:
         for name in BLOCK_COLUMNS:
             if name in features[0]:
                 batch[name] = torch.tensor([f[name] for f in features], dtype=torch.long)
+        if ROUTE_COLUMN in features[0]:  # each token's teacher (distily.data.routing); padding: teacher 0
+            batch[ROUTE_COLUMN] = torch.zeros((len(features), length), dtype=torch.long)
+            for row, feature in enumerate(features):
+                batch[ROUTE_COLUMN][row, : len(feature[ROUTE_COLUMN])] = torch.as_tensor(feature[ROUTE_COLUMN])
         return batch
 
 

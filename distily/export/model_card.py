@@ -93,6 +93,18 @@ def geometric_mean(values: list[float]) -> float | None:
 # Facts about the teacher
 
 
+def teacher_list(manifest: dict) -> list[dict[str, Any]]:
+    """Every teacher of a run with several (its manifest's ``teachers``: name, normalised weight, parameters, Hub
+    id where known, whether the hidden-state terms read it); empty for a single teacher."""
+    teachers = []
+    for entry in manifest.get("teachers") or []:
+        facts = teacher_facts(entry.get("name"), entry.get("parameters"))
+        teachers.append(
+            {**entry, "hub_id": facts.get("hub_id"), "parameters_text": human_count(entry.get("parameters"))}
+        )
+    return teachers
+
+
 def teacher_facts(teacher: str | None, parameters: int | None) -> dict[str, Any]:
     """Hub id, shape, licence and size on disk of the teacher, read from local files only (never the network).
 
@@ -355,6 +367,7 @@ def card_context(
         "gguf_sizes": gguf_sizes,
         "export_files": {fmt: [p.name for p in files] for fmt, files in exported_files.items()},
         "teacher": teacher,
+        "teachers": teacher_list(manifest),
         "teacher_size": human_bytes(teacher.get("size_bytes")),
         "teacher_params": human_count(teacher.get("parameters")),
         "teacher_shape": teacher_shape,

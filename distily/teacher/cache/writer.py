@@ -395,6 +395,11 @@ def record(
         raise ConfigError("--output is required: the folder to write the teacher cache into.")
     if not teacher_args.teacher and teacher is None:
         raise ConfigError("--teacher is required: the model whose distribution is recorded.")
+    if teacher_args.teachers and len(teacher_args.teachers) > 1:
+        raise ConfigError(
+            "distily record records one teacher per cache: run it once per --teacher (each with its own --output), "
+            "then train from all of them with --teacher_cache CACHE_A,CACHE_B (docs/teachers.md)."
+        )
     output = Path(config.output)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     engine_params = None
