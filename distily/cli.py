@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "distily.cli:sweep_command",
     "synth": "distily.teacher.synth:synth_command",
     "record": "distily.cli:record_command",
+    "tokenizer": "distily.tokenizer.command:tokenizer_command",
 }
 
 

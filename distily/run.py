@@ -166,10 +166,12 @@ def train(
     """
     from transformers import set_seed
 
+    from .cross_tokenizer import PairedBlockCollator, prepare_paired_datasets
+    from .cross_tokenizer.setup import check_no_teacher_cache, configure_cross_tokenizer, load_student_tokenizer
     from .data import prepare_datasets
     from .distributed import weights_are_sharded
     from .lora import apply_lora
-    from .students import build_student, count_parameters, load_pretrained_student
+    from .students import build_student, build_student_with_tokenizer, count_parameters, load_pretrained_student
     from .trainer import DistillationTrainer, check_compatible
 
     peft_args = peft_args if peft_args is not None else PeftArguments()
@@ -184,6 +186,10 @@ def train(
             "--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct (or "
             "--teacher_cache DIR, a teacher recorded with `distily record`)."
         )
+
+    check_no_teacher_cache(config, student_args)
+    # The student's own tokenizer (--student_tokenizer, or a pretrained --student's); None: the teacher's.
+    student_tokenizer = load_student_tokenizer(student_args, trust_remote_code=teacher_args.trust_remote_code)
 
     started = time.time()
     phases = PhaseTimes()
@@ -205,8 +211,16 @@ def train(
                 student = load_pretrained_student(
                     student_args.student, trust_remote_code=teacher_args.trust_remote_code
                 )
+            elif student_tokenizer is not None:
+                student = build_student_with_tokenizer(
+                    teacher, tokenizer, student_tokenizer, student_args.student_config, init=student_args.student_init
+                )
             else:
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
+    teacher_tokenizer = tokenizer
+    own_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer
+    if configure_cross_tokenizer(config, student_args, own_tokenizer, teacher_tokenizer):
+        tokenizer = own_tokenizer  # the student's vocabulary: its data, its saved tokenizer
     check_compatible(student, teacher, config)
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
@@ -215,6 +229,8 @@ def train(
     teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
     # Recorded while the teacher is at hand, so a GGUF export of the student names the same pre-tokenizer.
     gguf_tokenizer_pre = teacher_gguf_tokenizer_pre(teacher_name, student.config.vocab_size)
+    if tokenizer is not teacher_tokenizer:
+        gguf_tokenizer_pre = None  # the student's own tokenizer: detected from its pre-tokenizer at export
     if export_args.formats:
         from .export import check_exportable
 
@@ -229,7 +245,12 @@ def train(
         student = apply_lora(student, peft_args)
     # One process fills the datasets cache.
     with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
-        data = prepare_datasets(data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None)
+        if config.cross_tokenizer_loss:  # both tokenisations of each block, aligned (distily.cross_tokenizer)
+            data = prepare_paired_datasets(data_args, tokenizer, teacher_tokenizer, config.seq_len, seed=config.seed)
+        else:
+            data = prepare_datasets(
+                data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None
+            )
     if cache is not None:
         cache.check_compatible(source_fingerprints=data.source_fingerprints)
     logger.info(
@@ -244,6 +265,12 @@ def train(
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
+        teacher_tokenizer=teacher_tokenizer if config.cross_tokenizer_loss else None,
+        data_collator=(
+            PairedBlockCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+            if config.cross_tokenizer_loss
+            else None
+        ),
     )
 
     if peft_args.enabled and weights_are_sharded(trainer.accelerator) and not student_args.student:
@@ -267,6 +294,8 @@ def train(
         teacher_cache=config.teacher_cache,
         teacher_gguf_tokenizer_pre=gguf_tokenizer_pre,
         student=student_args.student,
+        student_tokenizer=student_args.student_tokenizer,
+        cross_tokenizer_loss=config.cross_tokenizer_loss,
         student_parameters=count_parameters(student),
         student_trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
         processes=trainer.accelerator.num_processes,
