@@ -191,7 +191,7 @@ def test_hybrid_on_identical_tokenizers_equals_the_plain_loss(tmp_path):
     assert paired["input_ids"] == plain["input_ids"] and paired["teacher_input_ids"] == plain["input_ids"]
     teacher, student = tiny_byte_llama(0).eval(), tiny_byte_llama(1)
     common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", seq_len=32, alpha=0.7, temperature=2.0)
-    losses = {}
+    losses, grads = {}, {}
     for name, dataset, collator, extra in (
         ("plain", plain, BlockCollator(0), {}),
         ("hybrid", paired, PairedBlockCollator(0, 0), {"cross_tokenizer_loss": "hybrid"}),
@@ -201,8 +201,12 @@ def test_hybrid_on_identical_tokenizers_equals_the_plain_loss(tmp_path):
             data_collator=collator, processing_class=tokenizer, teacher_tokenizer=tokenizer,
         )  # fmt: skip
         batch = collator([dataset[i] for i in range(len(dataset))])
+        student.zero_grad()
         losses[name] = trainer.compute_loss(student.train(), batch)
+        losses[name].backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in student.parameters()])
     assert losses["hybrid"].item() == pytest.approx(losses["plain"].item(), rel=1e-5)
+    torch.testing.assert_close(grads["hybrid"], grads["plain"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture

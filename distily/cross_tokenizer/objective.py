@@ -49,16 +49,20 @@ class CrossTokenizerObjective:
         b, s, t = rows[valid], s_pos[valid], t_pos[valid]
         student = student_logits[b, s] / self.temperature
         teacher = teacher_logits.to(device)[b, t] / self.temperature
-        per_token = uld(student, teacher)
-        exact = torch.zeros_like(per_token, dtype=torch.bool)
+        exact = torch.zeros(len(b), dtype=torch.bool, device=device)
         if self.name == "hybrid":
             vocab = self.vocab.to(device)
             student_next = inputs["input_ids"].to(device)[b, s + 1]
             teacher_next = inputs["teacher_input_ids"].to(device)[b, t + 1]
             exact = (inputs["aligned_exact"].to(device)[valid] == 1) & (vocab.to_teacher[student_next] == teacher_next)
-            if exact.any():
-                exact_values = exact_divergence(student[exact], teacher[exact], vocab, self.loss_fn)
-                per_token = per_token.masked_scatter(exact, exact_values.to(per_token.dtype))
+        # Each aligned position is scored once: the exact divergence where it applies, ULD on the others.
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        per_token = torch.zeros(len(b), dtype=dtype, device=device)
+        if (~exact).any():
+            per_token = per_token.masked_scatter(~exact, uld(student[~exact], teacher[~exact]).to(dtype))
+        if exact.any():
+            values = exact_divergence(student[exact], teacher[exact], self.vocab.to(device), self.loss_fn)
+            per_token = per_token.masked_scatter(exact, values.to(dtype))
         per_token = per_token * self.temperature**2
         kd_rows = torch.zeros(s_pos.shape[0], device=device).index_add_(0, b, per_token.detach().float())
         return CrossTokenizerSums(
