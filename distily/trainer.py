@@ -616,6 +616,11 @@ class DistillationTrainer(Trainer):
         tokens, both normalised by the student's real tokens as on the other paths. Blocks without an aligned
         position add no distillation term; they are counted in the logs (``unaligned_blocks``)."""
         args: DistillationConfig = self.args
+        if "aligned_student" not in inputs:
+            raise ConfigError(
+                "--cross_tokenizer_loss needs batches of aligned blocks: a dataset from "
+                "distily.cross_tokenizer.prepare_paired_datasets and data_collator=PairedBlockCollator(...)."
+            )
         batch = self._loss_batch(model, inputs, return_outputs)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
         logits = outputs.logits[:, :-1]

@@ -199,7 +199,7 @@ class DistillationConfig(TrainingArguments):
                 )
             # The batches must keep their block_index/block_split columns (they name the recorded rows).
             self.remove_unused_columns = False
-        self._check_cross_tokenizer()
+        self.check_cross_tokenizer()
         if (
             isinstance(self.loss_chunk_size, bool)
             or not isinstance(self.loss_chunk_size, int)
@@ -219,7 +219,7 @@ class DistillationConfig(TrainingArguments):
             raise ConfigError(str(err)) from None
         super().__post_init__()
 
-    def _check_cross_tokenizer(self) -> None:
+    def check_cross_tokenizer(self) -> None:
         """--cross_tokenizer_loss: a live teacher, logit terms only, full logits; the batches keep their columns."""
         if self.cross_tokenizer_loss is not None and not str(self.cross_tokenizer_loss).strip():
             self.cross_tokenizer_loss = None

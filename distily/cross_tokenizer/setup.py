@@ -51,7 +51,7 @@ def configure_cross_tokenizer(
     )
     if loss is not None and loss != config.cross_tokenizer_loss:
         config.cross_tokenizer_loss = loss
-        config._check_cross_tokenizer()  # the same rules as a --cross_tokenizer_loss given on the command line
+        config.check_cross_tokenizer()  # the same rules as a --cross_tokenizer_loss given on the command line
     return loss
 
 
