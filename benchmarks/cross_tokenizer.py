@@ -135,6 +135,8 @@ def run_variant(name: str, overrides: dict, args, data_dir: Path, texts: list[st
         "exact_fraction": [e["exact_fraction"] for e in history if "exact_fraction" in e][-1:] or None,
         "unaligned_blocks": sum(e.get("unaligned_blocks", 0) for e in history),
         "wall_seconds": round(wall, 1),
+        "shared_token_rows": student.config.to_dict().get("distily_init", {}).get("shared_token_rows"),
+        "vocab_size": student.config.vocab_size,
     }
 
 
