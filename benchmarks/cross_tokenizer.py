@@ -12,7 +12,8 @@ Teacher: the embedded SmolLM2-135M-Instruct. Students: 4 layers of its width (te
 3. Variants, each one ``distily.run.train`` run (the path of the ``distily`` command), ``--max_steps`` steps,
    batch 4 × 256 student tokens, configs/demo.yaml otherwise: ``same`` (the teacher's tokenizer, the demo's
    forward KL at alpha 1), ``hybrid`` and ``uld`` (the own tokenizer, --cross_tokenizer_loss, alpha
-   ``--cross_alpha``: ULD alone carries no token identity, so the cross-entropy term is needed).
+   ``--cross_alpha``: ULD alone carries no token identity, so the cross-entropy term is needed), and ``ce``
+   (the own tokenizer on cross-entropy alone, alpha 0: what the distillation term adds).
 4. Bits per byte (``distily.bits_per_byte``) of every student on the first ``--eval_bytes`` bytes of the eval
    split's documents (whole documents, the same bytes for every variant), and tokens per byte of both
    tokenizers on the whole eval split.
@@ -55,6 +56,8 @@ def variants(args, tokenizer_dir: Path) -> dict[str, dict]:
         "same": {},
         "hybrid": {**own, "cross_tokenizer_loss": "hybrid"},
         "uld": {**own, "cross_tokenizer_loss": "uld"},
+        # A control: the own-tokenizer student on cross-entropy alone (the teacher is not run), same steps.
+        "ce": {**own, "cross_tokenizer_loss": "hybrid", "alpha": 0.0},
     }
 
 
