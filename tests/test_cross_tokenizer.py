@@ -302,3 +302,14 @@ def test_cross_tokenizer_config_errors_name_the_fix(extra, message, tmp_path):
     values = {"cross_tokenizer_loss": "uld", **extra}
     with pytest.raises(ConfigError, match=message):
         DistillationConfig(output_dir=str(tmp_path), use_cpu=True, **values)
+
+
+def test_a_student_tokenizer_with_a_teacher_cache_or_a_pretrained_student_is_refused(tmp_path):
+    from distily.config import StudentArguments
+    from distily.cross_tokenizer.setup import check_no_teacher_cache
+
+    config = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, teacher_cache=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="--student_tokenizer needs a live teacher"):
+        check_no_teacher_cache(config, StudentArguments(student_tokenizer=str(tmp_path / "tok")))
+    with pytest.raises(ConfigError, match="Drop one of them"):
+        StudentArguments(student_tokenizer=str(tmp_path / "tok"), student=str(tmp_path / "pretrained"))
