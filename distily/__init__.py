@@ -4,6 +4,7 @@ Public API::
 
     from distily import DistillationConfig, DistillationTrainer, build_student, register_loss, LOSSES
     from distily import register_layer_mapper, register_projector, register_feature_loss  # intermediate signals
+    from distily import train_tokenizer, build_student_with_tokenizer, bits_per_byte  # a student's own tokenizer
 """
 
 from .config import DataArguments, DistillationConfig, StudentArguments, TeacherArguments
@@ -14,11 +15,12 @@ from .losses import LOSSES, build_loss, distillation_loss, register_loss
 from .projectors import PROJECTORS, build_projector, register_projector
 from .pruning import prune
 from .registry import Registry, UnknownNameError
-from .students import build_student
+from .students import build_student, build_student_with_tokenizer
 from .teacher.ensemble import TeacherEnsemble, TeacherMember
 from .teacher.loading import EMBEDDED_TEACHERS, load_teacher
 from .teacher.synth import SynthArguments, synthesize
 from .teacher.templates import TEMPLATES, TaskTemplate, register_template
+from .tokenizer import bits_per_byte, train_tokenizer
 from .trainer import DistillationTrainer
 from .version import __version__
 
@@ -44,9 +46,11 @@ __all__ = [
     "TeacherMember",
     "UnknownNameError",
     "__version__",
+    "bits_per_byte",
     "build_loss",
     "build_projector",
     "build_student",
+    "build_student_with_tokenizer",
     "distillation_loss",
     "load_teacher",
     "map_layers",
@@ -58,4 +62,5 @@ __all__ = [
     "register_projector",
     "register_template",
     "synthesize",
+    "train_tokenizer",
 ]

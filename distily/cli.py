@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "synth": "distily.teacher.synth:synth_command",
     "record": "distily.cli:record_command",
     "prune": "distily.pruning.command:prune_command",
+    "tokenizer": "distily.tokenizer.command:tokenizer_command",
 }
 
 

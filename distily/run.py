@@ -171,11 +171,13 @@ def train(
     """
     from transformers import set_seed
 
+    from .cross_tokenizer import PairedBlockCollator, prepare_paired_datasets
+    from .cross_tokenizer.setup import check_no_teacher_cache, configure_cross_tokenizer, load_student_tokenizer
     from .data import prepare_datasets
     from .distributed import weights_are_sharded
     from .lora import apply_lora
     from .pruning.calibration import prune_student
-    from .students import build_student, count_parameters, load_pretrained_student
+    from .students import build_student, build_student_with_tokenizer, count_parameters, load_pretrained_student
     from .trainer import DistillationTrainer, check_compatible
 
     peft_args = peft_args if peft_args is not None else PeftArguments()
@@ -195,6 +197,10 @@ def train(
             "--teacher is required: a Hub id, a local folder, a .gguf file or smollm2-135m-instruct (or "
             "--teacher_cache DIR, a teacher recorded with `distily record`)."
         )
+
+    check_no_teacher_cache(config, student_args)
+    # The student's own tokenizer (--student_tokenizer, or a pretrained --student's); None: the teacher's.
+    student_tokenizer = load_student_tokenizer(student_args, trust_remote_code=teacher_args.trust_remote_code)
 
     started = time.time()
     phases = PhaseTimes()
@@ -223,8 +229,16 @@ def train(
                 )
             elif student_args.student_init == "prune":
                 student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
+            elif student_tokenizer is not None:
+                student = build_student_with_tokenizer(
+                    teacher, tokenizer, student_tokenizer, student_args.student_config, init=student_args.student_init
+                )
             else:
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
+    teacher_tokenizer = tokenizer
+    own_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer
+    if configure_cross_tokenizer(config, student_args, own_tokenizer, teacher_tokenizer):
+        tokenizer = own_tokenizer  # the student's vocabulary: its data, its saved tokenizer
     for member in ensemble.members if ensemble is not None else [SimpleNamespace(model=teacher)]:
         check_compatible(student, member.model, config, real_vocab_size=len(tokenizer))
     if len(tokenizer) > student.config.vocab_size:
@@ -234,6 +248,8 @@ def train(
     teacher_name = teacher_args.teacher or (cache.identity["teacher"] if cache is not None else None)
     # Recorded while the teacher is at hand, so a GGUF export of the student names the same pre-tokenizer.
     gguf_tokenizer_pre = teacher_gguf_tokenizer_pre(teacher_name, student.config.vocab_size)
+    if tokenizer is not teacher_tokenizer:
+        gguf_tokenizer_pre = None  # the student's own tokenizer: detected from its pre-tokenizer at export
     if export_args.formats:
         from .export import check_exportable
 
@@ -248,10 +264,13 @@ def train(
         student = apply_lora(student, peft_args)
     # One process fills the datasets cache.
     with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
-        data = prepare_datasets(
-            data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
-            routing=teacher_routing(teacher_args, ensemble),
-        )  # fmt: skip
+        if config.cross_tokenizer_loss:  # both tokenisations of each block, aligned (distily.cross_tokenizer)
+            data = prepare_paired_datasets(data_args, tokenizer, teacher_tokenizer, config.seq_len, seed=config.seed)
+        else:
+            data = prepare_datasets(
+                data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
+                routing=teacher_routing(teacher_args, ensemble),
+            )  # fmt: skip
     for recorded in [member.cache for member in ensemble.members] if ensemble is not None and cache else [cache]:
         if recorded is not None:
             recorded.check_compatible(source_fingerprints=data.source_fingerprints)
@@ -267,6 +286,12 @@ def train(
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
+        teacher_tokenizer=teacher_tokenizer if config.cross_tokenizer_loss else None,
+        data_collator=(
+            PairedBlockCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+            if config.cross_tokenizer_loss
+            else None
+        ),
     )
 
     if peft_args.enabled and weights_are_sharded(trainer.accelerator) and not student_args.student:
@@ -291,6 +316,8 @@ def train(
         teacher_gguf_tokenizer_pre=gguf_tokenizer_pre,
         **({"teachers": ensemble_manifest(ensemble)} if ensemble is not None else {}),
         student=student_args.student,
+        student_tokenizer=student_args.student_tokenizer,
+        cross_tokenizer_loss=config.cross_tokenizer_loss,
         student_parameters=count_parameters(student),
         student_trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
         processes=trainer.accelerator.num_processes,

@@ -210,3 +210,75 @@ def load_pretrained_student(
 
 
 load_student = load_pretrained_student  # its earlier name
+
+
+def build_student_with_tokenizer(
+    teacher: PreTrainedModel,
+    teacher_tokenizer,
+    tokenizer,
+    overrides: dict | None = None,
+    init: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A student like :func:`build_student`'s, with ``tokenizer``'s vocabulary instead of the teacher's
+    (``--student_tokenizer``, distilled with :mod:`distily.cross_tokenizer`).
+
+    The decoder blocks and the final norm are initialised as :func:`build_student` does (``init``); the
+    embeddings (and an untied head) start random, then every token whose string is also in the teacher's
+    vocabulary takes the teacher's row (:func:`copy_shared_token_rows`), when the widths match.
+    """
+    if init not in STUDENT_INITS:
+        raise ConfigError(f"init={init!r} is not one of {', '.join(STUDENT_INITS)}.")
+    config = student_config_from_teacher(teacher.config, overrides)
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, name, getattr(tokenizer, name, None))
+    config.dtype = dtype
+    copy_weights = init == "teacher" or (init == "auto" and _same_width(config, teacher.config))
+    if copy_weights:
+        _check_teacher_weights_readable(teacher)
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if copy_weights:
+        layer_map = uniform_layer_subset(layer_count(teacher.config), layer_count(config))
+        init_from_teacher(student, teacher, layer_map)  # the vocabulary-sized tensors do not fit: left random
+        copied = copy_shared_token_rows(student, teacher, tokenizer, teacher_tokenizer)
+        student.config.distily_init = {"from": "teacher", "teacher_layers": layer_map, "shared_token_rows": copied}
+        logger.info(
+            "Student initialised from teacher layers %s; %d of %d token rows copied from the teacher's vocabulary.",
+            layer_map, copied, len(tokenizer),
+        )  # fmt: skip
+    else:
+        student.config.distily_init = {"from": "random"}
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    student.train()
+    return student
+
+
+def shared_token_ids(tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(student_ids, teacher_ids)`` of the tokens whose string is in both vocabularies (byte-level BPE
+    strings spell the token's bytes, so equal strings are equal text), in the student's id order."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    vocab = tokenizer.get_vocab()
+    pairs = sorted((sid, teacher_vocab[token]) for token, sid in vocab.items() if token in teacher_vocab)
+    if not pairs:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    student_ids, teacher_ids = zip(*pairs, strict=True)
+    return torch.tensor(student_ids), torch.tensor(teacher_ids)
+
+
+def copy_shared_token_rows(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer, teacher_tokenizer) -> int:
+    """Copy the teacher's input-embedding (and untied output) rows of every shared token string into the
+    student's rows of the same string; returns how many tokens were copied (0 when the widths differ)."""
+    student_ids, teacher_ids = shared_token_ids(tokenizer, teacher_tokenizer)
+    pairs = [(student.get_input_embeddings(), teacher.get_input_embeddings())]
+    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    if student_head is not None and student_head.weight is not student.get_input_embeddings().weight:
+        pairs.append((student_head, teacher_head))
+    if any(s.weight.shape[1] != t.weight.shape[1] for s, t in pairs):
+        return 0
+    with torch.no_grad():
+        for student_module, teacher_module in pairs:
+            rows = teacher_module.weight.detach()[teacher_ids.to(teacher_module.weight.device)]
+            student_module.weight[student_ids] = rows.to(student_module.weight)
+    return len(student_ids)

@@ -168,6 +168,8 @@ def check_compatible(
             f"seq_len={args.seq_len} is longer than the teacher's {teacher_positions} positions. "
             f"Lower --seq_len to at most {teacher_positions}."
         )
+    if args.cross_tokenizer_loss is not None:
+        return  # the vocabularies differ by design: distily.cross_tokenizer aligns the two by text
     if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
         vocab_alignment(student_vocab, teacher_vocab, real_vocab_size)  # raises unless the rows differ by padding
 
@@ -209,6 +211,7 @@ class DistillationTrainer(Trainer):
         args: DistillationConfig | None = None,
         data_collator=None,
         processing_class=None,
+        teacher_tokenizer=None,
         **kwargs,
     ):
         if args is None:
@@ -266,6 +269,9 @@ class DistillationTrainer(Trainer):
             self.teacher, self.teacher_input_device = place_teacher(self.teacher, self.accelerator, self.args)
         self._member_devices = self._place_members() if self.teachers is not None else []
         self.loss_fn = build_loss(args.loss, args.loss_kwargs)
+        self.cross_tokenizer = cross_tokenizer_objective(
+            args, self.loss_fn, processing_class, teacher_tokenizer, model, teacher_model
+        )
         self.logits_weight = logits_weight
         # Hidden-state and attention components with their projectors (trained with the student, never exported).
         self.intermediate: IntermediateObjective | None = None
@@ -567,6 +573,8 @@ class DistillationTrainer(Trainer):
         one big batch. With ``chunked_loss`` the heads and the per-token terms are computed chunk by chunk from
         the final hidden states (:mod:`distily.chunked`); otherwise from full logits. Both give the same numbers.
         """
+        if self.cross_tokenizer is not None:
+            return self._compute_cross_tokenizer_loss(model, inputs, return_outputs, num_items_in_batch)
         batch = self._loss_batch(model, inputs, return_outputs)
         signal, teacher_features = self._teacher_side(inputs, batch)
         objective = self._token_objective(batch, signal)
@@ -745,6 +753,61 @@ class DistillationTrainer(Trainer):
         total, stats = objective(outputs.logits[:, :-1][mask], slice(None))
         return total, stats, outputs
 
+    # -- a student with its own tokenizer ------------------------------------------------------------------------
+
+    def _compute_cross_tokenizer_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """``compute_loss`` across tokenizers: the student's full logits on its blocks, the teacher's on its own
+        tokenisation of the same text (``teacher_input_ids``), the distillation term at the aligned positions
+        (:class:`distily.cross_tokenizer.CrossTokenizerObjective`) and the student's cross-entropy on all its real
+        tokens, both normalised by the student's real tokens as on the other paths. Blocks without an aligned
+        position add no distillation term; they are counted in the logs (``unaligned_blocks``)."""
+        args: DistillationConfig = self.args
+        if "aligned_student" not in inputs:
+            raise ConfigError(
+                "--cross_tokenizer_loss needs batches of aligned blocks: a dataset from "
+                "distily.cross_tokenizer.prepare_paired_datasets and data_collator=PairedBlockCollator(...)."
+            )
+        batch = self._loss_batch(model, inputs, return_outputs)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        logits = outputs.logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(batch.labels.shape)
+        total = self.logits_weight * (1 - args.alpha) * ce.sum()
+        sums = None
+        if batch.kd:
+            with torch.no_grad():
+                teacher_logits = self.teacher(
+                    input_ids=inputs["teacher_input_ids"].to(self.teacher_input_device),
+                    attention_mask=inputs["teacher_attention_mask"].to(self.teacher_input_device),
+                    use_cache=False,
+                ).logits
+            sums = self.cross_tokenizer(logits, teacher_logits, inputs, batch.mask)
+            total = total + self.logits_weight * args.alpha * sums.kd
+        local_tokens = batch.mask.sum()
+        normaliser = num_items_in_batch if (batch.training and num_items_in_batch is not None) else local_tokens
+        normaliser = normaliser.clamp(min=1) if isinstance(normaliser, torch.Tensor) else max(normaliser, 1)
+        loss = total / normaliser
+        if not batch.training:
+            self._accumulate_eval(ce.detach().sum(-1), torch.zeros_like(ce[:, 0]), batch.mask.sum(-1))
+            return (loss, outputs) if return_outputs else loss
+        components = {"loss_ce": ce.detach().sum() / normaliser}
+        if sums is not None:
+            components["loss_kd"] = sums.kd.detach() / normaliser
+            # Shares of the real tokens: aligned (scored), and of those scored by the exact divergence.
+            self._log_sums["aligned_fraction"] += sums.aligned / max(int(local_tokens), 1)
+            self._log_counts["aligned_fraction"] += 1
+            self._log_sums["exact_fraction"] += sums.exact / max(sums.aligned, 1)
+            self._log_counts["exact_fraction"] += 1
+            self._log_sums["unaligned_blocks"] += sums.unaligned_blocks  # a count since the last log entry
+            self._log_counts["unaligned_blocks"] = 1
+        self._record_components(components, normaliser, local_tokens)
+        self._tokens_since_log += int(inputs["attention_mask"].sum())
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
     # -- bookkeeping: evaluation sums and log components ---------------------------------------------------------
 
     def _record_batch(self, batch: LossBatch, objective: TokenObjective, stats, feature_sums, normaliser, inputs):
@@ -793,7 +856,7 @@ class DistillationTrainer(Trainer):
             student_ce, teacher_ce, tokens = self._eval_sums.tolist()
             if tokens > 0:
                 output.metrics[f"{metric_key_prefix}_student_ppl"] = math.exp(min(student_ce / tokens, 700.0))
-                if self.has_teacher and self.args.eval_teacher:
+                if self.has_teacher and self.args.eval_teacher and self.cross_tokenizer is None:
                     output.metrics[f"{metric_key_prefix}_teacher_ppl"] = math.exp(min(teacher_ce / tokens, 700.0))
                 output.metrics[f"{metric_key_prefix}_tokens"] = int(tokens)
         self._eval_sums = None
@@ -826,6 +889,27 @@ class DistillationTrainer(Trainer):
             if self.on_policy is not None:
                 logs.update(self.on_policy.pop_logs(max(len(durations), 1)))
         super().log(logs, start_time)
+
+
+def cross_tokenizer_objective(args: DistillationConfig, loss_fn, tokenizer, teacher_tokenizer, model, teacher):
+    """The run's :class:`distily.cross_tokenizer.CrossTokenizerObjective` (None without --cross_tokenizer_loss):
+    the hybrid needs both tokenizers, to know which token strings the two vocabularies share."""
+    if args.cross_tokenizer_loss is None:
+        return None
+    from .cross_tokenizer import CrossTokenizerObjective, SharedVocabulary
+    from .students import shared_token_ids
+
+    if tokenizer is None or teacher_tokenizer is None:
+        raise ConfigError(
+            "--cross_tokenizer_loss needs both tokenizers: pass processing_class=the student's tokenizer and "
+            "teacher_tokenizer=the teacher's to DistillationTrainer."
+        )
+    student_ids, teacher_ids = shared_token_ids(tokenizer, teacher_tokenizer)
+    # The logits' widths (a padded embedding matrix has rows no token uses: they fall in "any other token").
+    student_size = max(_positions_vocab(model)[1] or 0, len(tokenizer))
+    teacher_size = max(_positions_vocab(teacher)[1] or 0, len(teacher_tokenizer)) if teacher is not None else 0
+    vocab = SharedVocabulary(student_ids, teacher_ids, student_size, max(teacher_size, len(teacher_tokenizer)))
+    return CrossTokenizerObjective(args.cross_tokenizer_loss, vocab, loss_fn, args.temperature)
 
 
 def sequence_index(mask: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,8 @@ def vocab_alignment(student_rows: int | None, teacher_rows, real_size: int | Non
             f"The student's vocabulary ({student_rows} rows) differs from the teacher's ({', '.join(map(str, rows))}) "
             f"and the shared tokenizer ({known}) does not fit in {smallest} rows, so the difference is not padding. "
             "Logit distillation compares distributions over the same tokens: build the student from the teacher "
-            "(distily.build_student) or pick a student that shares the teacher's tokenizer."
+            "(distily.build_student) or pick a student that shares the teacher's tokenizer, or distil across "
+            "tokenizers with --cross_tokenizer_loss uld|hybrid (docs/tokenizers.md)."
         )
     alignment = VocabAlignment(size=real_size, student_rows=student_rows, teacher_rows=rows)
     logger.info(

@@ -214,9 +214,10 @@ PUBLIC_API = [
     "FEATURE_LOSSES", "FEATURE_NORMS", "LAYER_MAPPERS", "LOSSES", "PROJECTORS", "Registry", "StudentArguments",
     "SynthArguments", "TEMPLATES", "TaskTemplate", "TeacherArguments", "TeacherEnsemble", "TeacherMember",
     "UnknownNameError", "__version__",
-    "build_loss", "build_projector", "build_student", "distillation_loss", "load_teacher", "map_layers", "prune",
+    "bits_per_byte", "build_loss", "build_projector", "build_student", "build_student_with_tokenizer",
+    "distillation_loss", "load_teacher", "map_layers", "prune",
     "register_feature_loss", "register_feature_norm", "register_layer_mapper", "register_loss", "register_projector",
-    "register_template", "synthesize",
+    "register_template", "synthesize", "train_tokenizer",
 ]  # fmt: skip
 
 

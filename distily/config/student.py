@@ -46,6 +46,14 @@ class StudentArguments:
             "local model folder whose vocabulary is the teacher's. Excludes --student_config and --student_init."
         },
     )
+    student_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "A tokenizer folder (e.g. from `distily tokenizer train`) for a student built from the teacher "
+            "with that vocabulary; tokens whose strings the teacher's vocabulary holds start from its embedding "
+            "rows. Distilled across tokenizers (--cross_tokenizer_loss, see docs/tokenizers.md)."
+        },
+    )
 
     def __post_init__(self):
         self.student_config = parse_json_dict(self.student_config, "student_config", '{"num_hidden_layers": 4}')
@@ -59,6 +67,14 @@ class StudentArguments:
             check_prune_student_config(self.student_config, self.calibration_blocks)
         if self.student is not None and not str(self.student).strip():
             self.student = None
+        if self.student_tokenizer is not None and not str(self.student_tokenizer).strip():
+            self.student_tokenizer = None
+        if self.student_tokenizer is not None and self.student is not None:
+            raise ConfigError(
+                "--student_tokenizer builds a student from the teacher with a new vocabulary; --student "
+                f"{self.student!r} is a pretrained student with its own tokenizer already. Drop one of them (a "
+                "pretrained student whose tokenizer differs from the teacher's needs --cross_tokenizer_loss)."
+            )
         if self.student is not None and (self.student_config or self.student_init != "auto"):
             raise ConfigError(
                 f"--student {self.student!r} loads a pretrained student as it is; --student_config and "

@@ -16,6 +16,8 @@ from .parsing import normalise_switch, parse_json_dict
 
 TEACHER_SHARDINGS = ("auto", "replicate", "shard")
 CHUNKED_LOSS_CHOICES = ("auto", "true", "false")
+# distily.cross_tokenizer's losses (distily.cross_tokenizer.losses documents them).
+CROSS_TOKENIZER_LOSS_CHOICES = ("uld", "hybrid")
 
 
 @dataclass
@@ -109,6 +111,16 @@ class DistillationConfig(TrainingArguments, OnPolicyArguments):
         default=None,
         metadata={"help": "Learning rate of the projectors' parameters (default: --learning_rate)."},
     )
+    cross_tokenizer_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil across tokenizers (text aligned by character offsets): uld (Wasserstein distance of the "
+            "sorted distributions) or hybrid (the exact --loss where both segment a span identically, ULD elsewhere). "
+            "Default: unset for a shared tokenizer, the measured default (docs/tokenizers.md) with "
+            "--student_tokenizer; a pretrained --student with another tokenizer needs it.",
+            "choices": ["uld", "hybrid"],
+        },
+    )
     max_train_seconds: float | None = field(
         default=None,
         metadata={
@@ -190,6 +202,7 @@ class DistillationConfig(TrainingArguments, OnPolicyArguments):
                 )
             # The batches must keep their block_index/block_split columns (they name the recorded rows).
             self.remove_unused_columns = False
+        self.check_cross_tokenizer()
         if (
             isinstance(self.loss_chunk_size, bool)
             or not isinstance(self.loss_chunk_size, int)
@@ -208,6 +221,37 @@ class DistillationConfig(TrainingArguments, OnPolicyArguments):
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
         super().__post_init__()
+
+    def check_cross_tokenizer(self) -> None:
+        """--cross_tokenizer_loss: a live teacher, logit terms only, full logits; the batches keep their columns."""
+        if self.cross_tokenizer_loss is not None and not str(self.cross_tokenizer_loss).strip():
+            self.cross_tokenizer_loss = None
+        if self.cross_tokenizer_loss is None:
+            return
+        if self.cross_tokenizer_loss not in CROSS_TOKENIZER_LOSS_CHOICES:
+            raise ConfigError(
+                f"--cross_tokenizer_loss {self.cross_tokenizer_loss!r} is not one of "
+                f"{', '.join(CROSS_TOKENIZER_LOSS_CHOICES)}."
+            )
+        if self.teacher_cache is not None:
+            raise ConfigError(
+                "--cross_tokenizer_loss needs a live teacher: a --teacher_cache holds the teacher's top-k over its own "
+                "tokenisation of each block, without the character offsets that align it with the student's tokens. "
+                "Use --teacher instead of --teacher_cache."
+            )
+        intermediate = [c.name for c in objective_components(self.objective) if c.signal != "logits"]
+        if intermediate:
+            raise ConfigError(
+                f"--cross_tokenizer_loss compares next-token distributions only; the objective's "
+                f"{', '.join(intermediate)} component(s) read positions the two tokenizers do not share. Drop them."
+            )
+        if self.chunked_loss == "true":
+            raise ConfigError(
+                "--cross_tokenizer_loss computes its terms from full logits at the aligned positions; drop "
+                "--chunked_loss true."
+            )
+        # The batches must keep their teacher_input_ids and aligned_* columns.
+        self.remove_unused_columns = False
 
     @property
     def distillation_fields(self) -> dict[str, Any]:
@@ -230,5 +274,6 @@ class DistillationConfig(TrainingArguments, OnPolicyArguments):
                 "projector_learning_rate",
                 "max_train_seconds",
                 *ON_POLICY_FIELDS,
+                "cross_tokenizer_loss",
             )
         }
