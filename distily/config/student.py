@@ -75,6 +75,12 @@ class StudentArguments:
                 f"{self.student!r} is a pretrained student with its own tokenizer already. Drop one of them (a "
                 "pretrained student whose tokenizer differs from the teacher's needs --cross_tokenizer_loss)."
             )
+        if self.student_tokenizer is not None and self.student_init == "prune":
+            raise ConfigError(
+                "--student_init prune keeps a subset of the teacher's own embedding rows; --student_tokenizer "
+                "replaces the vocabulary. Use one of them (prune with the teacher's tokenizer, or a new tokenizer "
+                "with --student_init auto)."
+            )
         if self.student is not None and (self.student_config or self.student_init != "auto"):
             raise ConfigError(
                 f"--student {self.student!r} loads a pretrained student as it is; --student_config and "

@@ -250,6 +250,12 @@ class DistillationConfig(TrainingArguments, OnPolicyArguments):
                 "--cross_tokenizer_loss computes its terms from full logits at the aligned positions; drop "
                 "--chunked_loss true."
             )
+        if self.samples_sequences:
+            raise ConfigError(
+                "--cross_tokenizer_loss aligns the two tokenisations of fixed text by character offsets; --lmbda > 0 "
+                "/ --seq_kd generate new sequences in one vocabulary, which the other tokenizer never saw. Use "
+                "--lmbda 0 without --seq_kd with --cross_tokenizer_loss."
+            )
         # The batches must keep their teacher_input_ids and aligned_* columns.
         self.remove_unused_columns = False
 
