@@ -20,6 +20,7 @@ from distily.config import (
     DistillationConfig,
     ExportArguments,
     PeftArguments,
+    RunEvalArguments,
     StudentArguments,
     TeacherArguments,
 )
@@ -189,6 +190,7 @@ def run_configs(tmp_path):
             output_dir=str(tmp_path / "run"), use_cpu=True, seq_len=64, temperature=2.0, report_to="none"
         ),
         ExportArguments(export="safetensors"),
+        RunEvalArguments(eval_tasks="hellaswag", eval_tasks_limit=5),
     )
 
 
