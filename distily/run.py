@@ -237,10 +237,12 @@ def train(
                 student = build_student(teacher, student_args.student_config, init=student_args.student_init)
     teacher_tokenizer = tokenizer
     own_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer
+    # Embedding rows that differ by padding are aligned only when the student shares the teacher's tokenizer.
+    real_vocab = len(tokenizer) if student_shares_tokenizer(student_args.student, tokenizer) else None
     if configure_cross_tokenizer(config, student_args, own_tokenizer, teacher_tokenizer):
         tokenizer = own_tokenizer  # the student's vocabulary: its data, its saved tokenizer
     for member in ensemble.members if ensemble is not None else [SimpleNamespace(model=teacher)]:
-        check_compatible(student, member.model, config, real_vocab_size=len(tokenizer))
+        check_compatible(student, member.model, config, real_vocab_size=real_vocab)
     if len(tokenizer) > student.config.vocab_size:
         raise ConfigError(
             f"The tokenizer has {len(tokenizer)} tokens but the student's vocabulary only {student.config.vocab_size}."
@@ -487,6 +489,25 @@ def _student_for_teacher_cache(
             f"The student's vocabulary ({student.config.vocab_size}) is not the cache's ({cache.vocab_size})."
         )
     return None, tokenizer, student, cache
+
+
+def student_shares_tokenizer(student: str | None, tokenizer) -> bool:
+    """Whether the student uses ``tokenizer``: a student built from the teacher does; a pretrained ``--student``
+    does when its folder's tokenizer has the same fingerprint (vocabulary, merges, special tokens). A student
+    folder without a tokenizer is not assumed to share it."""
+    if not student:
+        return True
+    from transformers import AutoTokenizer
+
+    from .data.hashing import tokenizer_fingerprint
+
+    try:
+        own = AutoTokenizer.from_pretrained(student)
+    except (OSError, ValueError, TypeError):
+        return False
+    if own.pad_token is None:
+        own.pad_token = own.eos_token  # as load_tokenizer does for the teacher's
+    return tokenizer_fingerprint(own) == tokenizer_fingerprint(tokenizer)
 
 
 def _padded_only(student, cache, tokenizer) -> bool:

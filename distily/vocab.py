@@ -62,9 +62,10 @@ def vocab_alignment(student_rows: int | None, teacher_rows, real_size: int | Non
     smallest = min(student_rows, *rows)
     if real_size is None or real_size > smallest:
         known = "unknown" if real_size is None else f"{real_size} tokens"
+        teachers = ", ".join(map(str, rows))
         raise ConfigError(
-            f"The student's vocabulary ({student_rows} rows) differs from the teacher's ({', '.join(map(str, rows))}) "
-            f"and the shared tokenizer ({known}) does not fit in {smallest} rows, so the difference is not padding. "
+            f"The student's vocabulary ({student_rows} tokens) differs from the teacher's ({teachers}) "
+            f"and no shared tokenizer ({known}) fits in {smallest} rows, so the difference is not padding. "
             "Logit distillation compares distributions over the same tokens: build the student from the teacher "
             "(distily.build_student) or pick a student that shares the teacher's tokenizer, or distil across "
             "tokenizers with --cross_tokenizer_loss uld|hybrid (docs/tokenizers.md)."

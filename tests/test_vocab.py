@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -21,7 +23,8 @@ PAD_TEACHER, PAD_STUDENT = 24, 8
 def padded(model: LlamaForCausalLM, extra: int, seed: int) -> LlamaForCausalLM:
     """``model`` with ``extra`` more embedding and head rows (large random values, so a wrong alignment shows);
     every other weight, and the first rows, identical."""
-    config = tiny_llama_config(vocab_size=model.config.vocab_size + extra)
+    config = copy.deepcopy(model.config)
+    config.vocab_size += extra
     bigger = LlamaForCausalLM(config)
     state = model.state_dict()
     generator = torch.Generator().manual_seed(seed)
@@ -104,7 +107,7 @@ def test_rows_that_are_not_padding_are_refused(tmp_path, tokenizer):
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_llama_config()).eval()
     small = LlamaForCausalLM(tiny_llama_config(vocab_size=TINY_VOCAB - 8))  # fewer rows than the tokenizer has
-    with pytest.raises(ConfigError, match=r"does not fit in 120 rows, so the difference is not padding"):
+    with pytest.raises(ConfigError, match=r"fits in 120 rows, so the difference is not padding"):
         DistillationTrainer(model=small, teacher_model=teacher, args=make_config(tmp_path), processing_class=tokenizer)
     with pytest.raises(ConfigError, match="differs from the teacher's"):  # no tokenizer: nothing says what is real
         vocab_alignment(TINY_VOCAB + 8, TINY_VOCAB, None)
@@ -152,3 +155,38 @@ class _Fixed:
 
     def top_k(self, rows):
         return self.teacher[rows]
+
+
+def test_a_pretrained_student_padded_differently_trains_when_it_shares_the_tokenizer(
+    tmp_path, tiny_teacher_dir, tiny_tokenizer, text_corpus
+):
+    """``--student`` with more embedding rows and the teacher's tokenizer saved beside it: aligned, trained. The
+    same folder without the tokenizer is refused (tests/test_scale.py), as is one with another tokenizer."""
+    from distily import DistillationConfig
+    from distily.config import DataArguments, StudentArguments, TeacherArguments
+    from distily.run import train
+
+    torch.manual_seed(1)
+    student_dir = tmp_path / "padded-student"
+    padded(LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)), PAD_STUDENT, seed=3).save_pretrained(student_dir)
+    tiny_tokenizer.save_pretrained(student_dir)
+
+    def run(name):
+        config = DistillationConfig(
+            output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+            report_to="none", use_cpu=True, seq_len=16, save_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        return train(
+            TeacherArguments(teacher=str(tiny_teacher_dir), teacher_dtype="float32"),
+            StudentArguments(student=str(student_dir)),
+            DataArguments(dataset=str(text_corpus), max_eval_blocks=4),
+            config,
+        )
+
+    result = run("aligned")
+    assert result.trainer.vocab_alignment.dropped == {"student": PAD_STUDENT, "teacher": 0}
+    assert result.metrics_after["eval_student_ppl"] > 0
+    make_tiny_tokenizer(["other merges entirely, other merges " * 30]).save_pretrained(student_dir)
+    with pytest.raises(ConfigError, match=r"vocabulary \(136 tokens\) differs from the teacher's \(128\)"):
+        run("other-tokenizer")
+    assert not (tmp_path / "other-tokenizer").exists()
