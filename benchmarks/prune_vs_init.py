@@ -6,7 +6,8 @@ parameters, about 50 % and about 13 % (the demo's 4-layer student), and five sta
 
   (a) ``subset``: today's uniform layer subset keeping the first and the last (``--student_init auto``);
   (b) ``depth``: the layers ranked best by the layer score;
-  (c) ``width``: all 30 layers, heads, MLP neurons and hidden channels cut by importance;
+  (c) ``width``: all 30 layers, heads, MLP neurons and hidden channels cut by importance, the shape searched
+      (``WIDTH_SEARCH``: the hidden size and heads whose cut start is best on the selection blocks);
   (d) ``width_depth``: both;
   (e) ``random``: random init of (c)'s shape.
 
@@ -78,8 +79,51 @@ BUDGETS = {
 }
 
 
+# (c)'s shape at each budget is searched, not guessed: every hidden size and query-head count below (key/value
+# groups kept, or whole groups dropped) with the MLP width that fills the budget of the layer subset (a); the one
+# whose cut start has the lowest perplexity on the selection blocks (train split, neither calibration nor eval)
+# is (c), and (e) takes its shape. Hidden sizes are multiples of the head counts (LlamaConfig refuses others).
+WIDTH_SEARCH = {
+    "50": {"hidden_size": (396, 450, 504, 540, 576), "num_attention_heads": (6, 9)},
+    "13": {"hidden_size": (198, 264, 330), "num_attention_heads": (3, 6)},
+}
+MIN_INTERMEDIATE = 128
+
+
 def non_embedding(model) -> int:
     return count_parameters(model) - model.get_input_embeddings().weight.numel()
+
+
+def llama_non_embedding(shape: dict) -> int:
+    """Non-embedding parameters of a bias-free Llama of ``shape`` (q, k, v, o, gate, up, down, two norms per
+    layer, the final norm); checked against the teacher's count in :func:`main`."""
+    hidden, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim, inter, layers = shape["head_dim"], shape["intermediate_size"], shape["num_hidden_layers"]
+    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * inter + 2 * hidden
+    return layers * per_layer + hidden
+
+
+def width_candidates(teacher_shape: dict, goal: int, search: dict) -> list[dict]:
+    """Every searched (hidden size, heads, key/value groups) with the widest MLP (a multiple of 8) within ``goal``
+    non-embedding parameters; all layers kept."""
+    group = teacher_shape["num_attention_heads"] // teacher_shape["num_key_value_heads"]
+    shapes = []
+    for hidden in search["hidden_size"]:
+        for heads in search["num_attention_heads"]:
+            if hidden % heads:
+                continue
+            for kv in sorted({teacher_shape["num_key_value_heads"], heads // group} - {0}):
+                if heads % kv or heads // kv > group:
+                    continue
+                shape = {**teacher_shape, "hidden_size": hidden, "num_attention_heads": heads,
+                         "num_key_value_heads": kv, "intermediate_size": 0}  # fmt: skip
+                per_neuron = 3 * hidden * shape["num_hidden_layers"]
+                inter = min((goal - llama_non_embedding(shape)) // per_neuron // 8 * 8,
+                            teacher_shape["intermediate_size"])  # fmt: skip
+                if inter >= MIN_INTERMEDIATE:
+                    shapes.append({"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
+                                   "intermediate_size": int(inter)})  # fmt: skip
+    return shapes
 
 
 def prose_blocks(tokenizer, blocks: int):
@@ -267,6 +311,21 @@ def main(argv=None) -> int:
     results.update(aggregation=aggregation, layer_score=layer_score, selection_blocks=len(select))
     print(f"chosen: aggregation {aggregation} {results['aggregation_choice']}, "
           f"layer score {layer_score} {results['layer_score_choice']}", flush=True)  # fmt: skip
+
+    teacher_shape = family.shape(teacher.config).as_dict()
+    assert llama_non_embedding(teacher_shape) == non_embedding(teacher), "the parameter formula is off"
+    results["width_search"] = {}
+    for budget in args.budgets:
+        goal = llama_non_embedding({**teacher_shape, **BUDGETS[budget]["subset"]})
+        trials = {}
+        for shape in width_candidates(teacher_shape, goal, WIDTH_SEARCH[budget]):
+            target = resolve_target(teacher.config, family, shape)
+            trials[json.dumps(shape)] = select_ppl(trim(teacher, family, choose(importance, target, aggregation,
+                                                                                 layer_score)))  # fmt: skip
+        best = min(trials, key=trials.get)
+        BUDGETS[budget]["width"] = json.loads(best)
+        results["width_search"][budget] = {"goal_non_embedding": goal, "perplexity": trials, "chosen": best}
+        print(f"width search, budget {budget}: chose {best} of {json.dumps(trials)}", flush=True)
 
     results["overlap_4x"] = {}
     for budget in args.budgets:

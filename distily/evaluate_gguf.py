@@ -24,27 +24,17 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .evaluation_file import write_evaluation
+from .optional import import_llama_cpp
 from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-
-def import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise ConfigError(
-            "Evaluating a .gguf file needs llama-cpp-python: pip install llama-cpp-python (distily's dev extra pins "
-            "it; PyPI ships source, so it compiles llama.cpp)."
-        ) from err
-    return llama_cpp
 
 
 def llama_cpp_perplexity(
     gguf_path: str | os.PathLike, blocks: list[list[int]], n_threads: int | None = None, progress: bool = True
 ) -> dict[str, float]:
     """``{"eval_ppl", "eval_loss", "eval_tokens"}`` of the GGUF file on ``blocks`` (lists of token ids)."""
-    llama_cpp = import_llama_cpp()
+    llama_cpp = import_llama_cpp("Evaluating a .gguf file")
     if not blocks or max(len(block) for block in blocks) < 2:
         raise ConfigError("No tokens to evaluate: the eval split packed into zero blocks.")
     width = max(len(block) for block in blocks)
@@ -123,7 +113,7 @@ def evaluate_gguf(
             f"{str(gguf_path)!r} is not inside a run folder (or its export/ folder), so there is no eval split to "
             "measure it on. Pass --run_dir RUN_DIR, the run the file was exported from."
         )
-    import_llama_cpp()  # before the data is prepared
+    import_llama_cpp("Evaluating a .gguf file")  # before the data is prepared
     blocks, data_args, seq_len = run_eval_blocks(run, seq_len, max_eval_blocks)
     entry: dict[str, Any] = {
         **llama_cpp_perplexity(gguf_path, blocks, progress=progress),

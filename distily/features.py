@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .config import ObjectiveComponent
 from .errors import ConfigError
 from .feature_losses import FEATURE_LOSSES, FEATURE_NORMS
-from .layer_mappers import map_layers, student_source_layers
+from .layer_mappers import map_layers, mapper_kwargs_for
 from .modeling import LAYER_LISTS, decoder_layers  # noqa: F401  (re-exported)
 from .projectors import build_projector
 
@@ -129,9 +129,10 @@ class IntermediateObjective(nn.Module):
         self.projectors = nn.ModuleDict()
         for component in self.components:
             try:
-                mapper_kwargs = component.layer_mapper_kwargs
-                if component.layer_mapper == "source" and "layers" not in mapper_kwargs:  # the student's record
-                    mapper_kwargs = {**mapper_kwargs, "layers": student_source_layers(student)}
+                # source and auto read the student's record of where its layers came from
+                mapper_kwargs = mapper_kwargs_for(
+                    component.layer_mapper, component.layer_mapper_kwargs, student, teacher_layers
+                )
                 pairs = map_layers(component.layer_mapper, student_layers, teacher_layers, mapper_kwargs)
                 if component.signal == "hidden_states":
                     dims = hidden_size(student), hidden_size(teacher)

@@ -17,6 +17,14 @@ With ``S`` student and ``T`` teacher layers (golden values for S = 4, T = 30 in 
   -> (1,9) (2,16) (3,23) (4,30)
 * ``source``: each student layer to the teacher layer it was copied or pruned from (``layers``, default the
   student's record) -> for the layer subset [0, 10, 19, 29]: (1,1) (2,11) (3,20) (4,30)
+* ``auto`` (the default of hidden-state and attention components): ``source`` for a pruned student whose record
+  names layers of this teacher, else ``uniform_last``. A layer-subset student keeps ``uniform_last``, the pairing
+  the hidden-state benchmark measured (notes.md); ask for ``source`` to pair it by origin.
+
+A student records where its layers came from in ``config.distily_init`` (:func:`source_record`): the layers of
+the model it was cut from, and, when that model was itself cut from another (iterative pruning: prune, distil,
+prune the distilled student again), the composed layers of every model up the chain, so ``source`` pairs the
+round-two student with the original teacher as well as with the round-one student.
 
 Register your own::
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
+from .modeling import layer_count
 from .registry import Registry, check_kwargs
 
 LayerPairs = list[tuple[int, int]]
@@ -110,8 +119,7 @@ def source(student_layers: int, teacher_layers: int, *, layers: Sequence[int] = 
     """Each student layer s to the teacher layer it was copied or pruned from: ``layers[s − 1] + 1``.
 
     ``layers`` are 0-based teacher indices, one per student layer; left out, they are read from the student's
-    ``config.distily_init["teacher_layers"]`` (a layer-subset or pruned student records them; see
-    :func:`student_source_layers`).
+    ``config.distily_init`` (a layer-subset or pruned student records them; see :func:`student_source_layers`).
     """
     if len(layers) != student_layers:
         raise ValueError(
@@ -122,11 +130,64 @@ def source(student_layers: int, teacher_layers: int, *, layers: Sequence[int] = 
     return [(s, int(layers[s - 1]) + 1) for s in range(1, student_layers + 1)]
 
 
-def student_source_layers(model) -> list[int]:
-    """The 0-based teacher layer each layer of ``model`` came from, as it recorded them (empty if it did not)."""
+@register_layer_mapper("auto")
+def auto(student_layers: int, teacher_layers: int, *, layers: Sequence[int] = ()) -> LayerPairs:
+    """``source`` when ``layers`` are given (the trainer passes a pruned student's record), else ``uniform_last``."""
+    if layers:
+        return source(student_layers, teacher_layers, layers=layers)
+    return uniform_last(student_layers, teacher_layers)
+
+
+def source_record(parent_config, layers: Sequence[int], **extra) -> dict:
+    """The ``distily_init`` of a model whose layers are ``layers`` (0-based) of the model configured by
+    ``parent_config``: ``teacher_layers`` (of the parent) and ``ancestors``, the same layers composed through the
+    parent's own record (``[{"num_hidden_layers": N, "layers": [...]}, ...]``, nearest first)."""
+    layers = [int(layer) for layer in layers]
+    record = {"from": "teacher", "teacher_layers": layers, **extra}
+    parent = getattr(parent_config, "distily_init", None) or {}
+    if parent.get("from") == "teacher" and parent.get("teacher_layers"):
+        chain = [{"num_hidden_layers": None, "layers": parent["teacher_layers"]}, *parent.get("ancestors", [])]
+        chain[0] = {**chain[0], "num_hidden_layers": parent.get("teacher_num_hidden_layers")}
+        record["ancestors"] = [
+            {"num_hidden_layers": entry["num_hidden_layers"], "layers": [int(entry["layers"][i]) for i in layers]}
+            for entry in chain
+        ]
+    record["teacher_num_hidden_layers"] = layer_count(parent_config)
+    return record
+
+
+def student_source_layers(model, teacher_layers: int | None = None) -> list[int]:
+    """The 0-based layer of the teacher each layer of ``model`` came from, as it recorded them (empty if it did
+    not). With ``teacher_layers`` (the teacher's layer count), the record of the model in its chain with that many
+    layers: the one it was cut from, or an ancestor; empty when none has that many."""
     config = getattr(model, "config", None)
     init = getattr(config, "distily_init", None) or {}
-    return list(init.get("teacher_layers") or []) if init.get("from") == "teacher" else []
+    if init.get("from") != "teacher" or not init.get("teacher_layers"):
+        return []
+    direct = list(init["teacher_layers"])
+    if teacher_layers is None:
+        return direct
+    chain = [{"num_hidden_layers": init.get("teacher_num_hidden_layers"), "layers": direct}, *init.get("ancestors", [])]
+    for entry in chain:
+        if entry["num_hidden_layers"] == teacher_layers:
+            return list(entry["layers"])
+    # Records written before the layer counts were: the direct layers, when they fit this teacher.
+    if init.get("teacher_num_hidden_layers") is None and max(direct) < teacher_layers:
+        return direct
+    return []
+
+
+def mapper_kwargs_for(name: str, kwargs: dict | None, student, teacher_layers: int) -> dict:
+    """``kwargs`` with the student's record as ``layers`` where the mapper reads it: always for ``source``; for
+    ``auto`` only when the student was pruned (``distily_init["pruned"]``)."""
+    kwargs = dict(kwargs or {})
+    if name not in ("source", "auto") or "layers" in kwargs:
+        return kwargs
+    init = getattr(getattr(student, "config", None), "distily_init", None) or {}
+    if name == "auto" and not init.get("pruned"):
+        return kwargs
+    layers = student_source_layers(student, teacher_layers)
+    return {**kwargs, "layers": layers} if layers or name == "source" else kwargs
 
 
 def check_mapper_kwargs(name: str, kwargs: dict | None) -> None:

@@ -171,13 +171,11 @@ def train(
     """
     from transformers import set_seed
 
-    from .cross_tokenizer import PairedBlockCollator, prepare_paired_datasets
+    from .cross_tokenizer import PairedBlockCollator
     from .cross_tokenizer.setup import check_no_teacher_cache, configure_cross_tokenizer, load_student_tokenizer
-    from .data import prepare_datasets
     from .distributed import weights_are_sharded
     from .lora import apply_lora
-    from .pruning.calibration import prune_student
-    from .students import build_student, build_student_with_tokenizer, count_parameters, load_pretrained_student
+    from .students import count_parameters
     from .trainer import DistillationTrainer, check_compatible
 
     peft_args = peft_args if peft_args is not None else PeftArguments()
@@ -204,10 +202,10 @@ def train(
 
     started = time.time()
     phases = PhaseTimes()
-    cache = ensemble = None
+    cache = ensemble = prune_report = None
     if config.teacher_cache:
         with phases.phase("load teacher cache and student"):
-            teacher, tokenizer, student, cache = _student_for_teacher_cache(
+            teacher, tokenizer, student, cache, prune_report = _student_for_teacher_cache(
                 teacher_args, student_args, config, data_args=data_args
             )
             ensemble = recorded_ensemble(teacher_args, config, cache) if "," in config.teacher_cache else None
@@ -223,18 +221,9 @@ def train(
             # Seeded before the student is built, so a randomly initialised student is the same in every run.
             set_seed(config.seed)
             # When resuming, Trainer loads the checkpoint's weights into this freshly built student.
-            if student_args.student:
-                student = load_pretrained_student(
-                    student_args.student, trust_remote_code=teacher_args.trust_remote_code
-                )
-            elif student_args.student_init == "prune":
-                student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
-            elif student_tokenizer is not None:
-                student = build_student_with_tokenizer(
-                    teacher, tokenizer, student_tokenizer, student_args.student_config, init=student_args.student_init
-                )
-            else:
-                student = build_student(teacher, student_args.student_config, init=student_args.student_init)
+            student, prune_report = _build_run_student(
+                teacher, tokenizer, student_tokenizer, teacher_args, student_args, data_args, config
+            )
     teacher_tokenizer = tokenizer
     own_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer
     # Embedding rows that differ by padding are aligned only when the student shares the teacher's tokenizer.
@@ -266,13 +255,7 @@ def train(
         student = apply_lora(student, peft_args)
     # One process fills the datasets cache.
     with phases.phase("prepare data"), config.main_process_first(desc="tokenising and packing"):
-        if config.cross_tokenizer_loss:  # both tokenisations of each block, aligned (distily.cross_tokenizer)
-            data = prepare_paired_datasets(data_args, tokenizer, teacher_tokenizer, config.seq_len, seed=config.seed)
-        else:
-            data = prepare_datasets(
-                data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
-                routing=teacher_routing(teacher_args, ensemble),
-            )  # fmt: skip
+        data = _prepare_run_data(data_args, config, tokenizer, teacher_tokenizer, cache, teacher_args, ensemble)
     for recorded in [member.cache for member in ensemble.members] if ensemble is not None and cache else [cache]:
         if recorded is not None:
             recorded.check_compatible(source_fingerprints=data.source_fingerprints)
@@ -329,6 +312,9 @@ def train(
     if is_main:
         run.write_manifest(manifest)
         run.write_config(teacher_args, student_args, peft_args, data_args, config, export_args, eval_args)
+        if prune_report is not None:  # what --student_init prune kept and why, as `distily prune` writes it
+            prune_report.data["command"] = manifest.get("command")
+            prune_report.write(output_dir)
     trainer.accelerator.wait_for_everyone()
 
     try:
@@ -438,10 +424,50 @@ def export_run(output_dir: Path, export_args: ExportArguments, config: Distillat
     return result
 
 
+def _build_run_student(
+    teacher, tokenizer, student_tokenizer, teacher_args: TeacherArguments, student_args: StudentArguments,
+    data_args: DataArguments, config,
+):  # fmt: skip
+    """``(student, prune_report)`` of a run with a loaded teacher: a pretrained ``--student``, the teacher pruned
+    (``--student_init prune``, with its :class:`~distily.pruning.report.PruneReport`), a student with its own
+    ``--student_tokenizer``, or one built from the teacher's config (layer subset or random)."""
+    from .pruning.calibration import prune_student
+    from .students import build_student, build_student_with_tokenizer, load_pretrained_student
+
+    if student_args.student:
+        return load_pretrained_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code), None
+    if student_args.student_init == "prune":
+        return prune_student(
+            teacher, tokenizer, student_args, data_args, config.seq_len, config.seed, teacher_args.teacher
+        )
+    if student_tokenizer is not None:
+        student = build_student_with_tokenizer(
+            teacher, tokenizer, student_tokenizer, student_args.student_config, init=student_args.student_init
+        )
+        return student, None
+    return build_student(teacher, student_args.student_config, init=student_args.student_init), None
+
+
+def _prepare_run_data(data_args: DataArguments, config, tokenizer, teacher_tokenizer, cache, teacher_args, ensemble):
+    """The run's packed blocks: both tokenisations of each block, aligned, for a cross-tokenizer loss
+    (:mod:`distily.cross_tokenizer`); else the blocks in the student's tokenizer, with their indices when a
+    recorded teacher serves them and with each block's teacher when several teachers split the data."""
+    from .cross_tokenizer import prepare_paired_datasets
+    from .data import prepare_datasets
+
+    if config.cross_tokenizer_loss:
+        return prepare_paired_datasets(data_args, tokenizer, teacher_tokenizer, config.seq_len, seed=config.seed)
+    return prepare_datasets(
+        data_args, tokenizer, config.seq_len, seed=config.seed, block_index=cache is not None,
+        routing=teacher_routing(teacher_args, ensemble),
+    )  # fmt: skip
+
+
 def _student_for_teacher_cache(
     teacher_args: TeacherArguments, student_args: StudentArguments, config, data_args: DataArguments | None = None
 ):
-    """``(None, tokenizer, student, cache)`` for a run on a recorded teacher.
+    """``(None, tokenizer, student, cache, prune_report)`` for a run on a recorded teacher (``prune_report``: the
+    :class:`~distily.pruning.report.PruneReport` of a ``--student_init prune`` student, else None).
 
     The tokenizer and the teacher's config come from the cache. The teacher's weights are loaded only when the
     student copies them (``--student_init`` auto with the teacher's width, or teacher), then released before
@@ -462,7 +488,9 @@ def _student_for_teacher_cache(
             tokenizer,
             load_pretrained_student(student_args.student, trust_remote_code=teacher_args.trust_remote_code),
             cache,
+            None,
         )
+    prune_report = None
     teacher_config = cache.teacher_config()
     student_config = student_config_from_teacher(teacher_config, student_args.student_config)
     init = student_args.student_init
@@ -478,7 +506,9 @@ def _student_for_teacher_cache(
         if init == "prune":  # calibration blocks from the train split, as without a cache
             from .pruning.calibration import prune_student
 
-            student = prune_student(teacher, tokenizer, student_args, data_args, config.seq_len, config.seed)
+            student, prune_report = prune_student(
+                teacher, tokenizer, student_args, data_args, config.seq_len, config.seed, name
+            )
         else:
             student = build_student(teacher, student_args.student_config, init=init)
         del teacher
@@ -488,7 +518,7 @@ def _student_for_teacher_cache(
         raise CacheError(
             f"The student's vocabulary ({student.config.vocab_size}) is not the cache's ({cache.vocab_size})."
         )
-    return None, tokenizer, student, cache
+    return None, tokenizer, student, cache, prune_report
 
 
 def student_shares_tokenizer(student: str | None, tokenizer) -> bool:

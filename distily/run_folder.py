@@ -10,7 +10,8 @@ A run folder holds, beside the student's weights and tokenizer (``save_pretraine
   ``trainer_state.json``, ``checkpoint-N/`` folders;
 * ``adapter/`` (a LoRA/DoRA run's adapters; the folder itself holds the merged student), ``packed/`` (a BitNet
   run's ternary-packed student), ``export/`` (the default ``--export`` destination) and ``distily_eval.json``
-  (``distily eval``'s results).
+  (``distily eval``'s results), ``distily_prune.json`` (a ``--student_init prune`` run: what the cut kept and
+  why; its owner is :class:`distily.pruning.report.PruneReport`).
 
 Every other module asks this class for those names; none spells them. It imports only leaves (errors, io,
 config) so that the trainer, the CLI, export, evaluation and sweeps can all use it.

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .config import STUDENT_INITS
 from .errors import ConfigError
+from .layer_mappers import source_record
 from .modeling import count_parameters, decoder_layers_path, layer_count  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def build_student(
     if copy_weights:
         layer_map = uniform_layer_subset(n_teacher, n_student)
         left_random = init_from_teacher(student, teacher, layer_map)
-        student.config.distily_init = {"from": "teacher", "teacher_layers": layer_map}
+        student.config.distily_init = source_record(teacher.config, layer_map)
         if left_random:
             logger.warning("Student tensors left at random init (shape differs from the teacher): %s", left_random)
         logger.info("Student initialised from teacher layers %s of %d.", layer_map, n_teacher)
@@ -242,7 +243,7 @@ def build_student_with_tokenizer(
         layer_map = uniform_layer_subset(layer_count(teacher.config), layer_count(config))
         init_from_teacher(student, teacher, layer_map)  # the vocabulary-sized tensors do not fit: left random
         copied = copy_shared_token_rows(student, teacher, tokenizer, teacher_tokenizer)
-        student.config.distily_init = {"from": "teacher", "teacher_layers": layer_map, "shared_token_rows": copied}
+        student.config.distily_init = source_record(teacher.config, layer_map, shared_token_rows=copied)
         logger.info(
             "Student initialised from teacher layers %s; %d of %d token rows copied from the teacher's vocabulary.",
             layer_map, copied, len(tokenizer),

@@ -239,7 +239,7 @@ def test_converted_student_layout_and_lambda_zero_is_the_fp_student():
     assert student.config.model_type == "bitnet" and student.config.hidden_act == "silu"
     assert student.config.distily_bitnet == {"warmup_steps": 0, "learning_rate": None, "format": "latent"}
     assert student.config.quantization_config["quantization_mode"] == "online"
-    assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3]}
+    assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3], "teacher_num_hidden_layers": 4}
     for layer in student.model.layers:
         for module in (layer.self_attn, layer.mlp):
             names = (

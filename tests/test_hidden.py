@@ -40,6 +40,9 @@ SEQ = 16
         ("uniform", {"stride": 2}, [(1, 2), (2, 4), (3, 6), (4, 8)]),
         ("uniform_last", {}, [(1, 9), (2, 16), (3, 23), (4, 30)]),
         ("uniform_last", {"stride": 3}, [(1, 21), (2, 24), (3, 27), (4, 30)]),
+        ("source", {"layers": [0, 10, 19, 29]}, [(1, 1), (2, 11), (3, 20), (4, 30)]),
+        ("auto", {}, [(1, 9), (2, 16), (3, 23), (4, 30)]),  # no record given: uniform_last
+        ("auto", {"layers": [0, 10, 19, 29]}, [(1, 1), (2, 11), (3, 20), (4, 30)]),  # a pruned student's: source
     ],
 )
 def test_mapper_golden_pairs(name, kwargs, pairs):
@@ -63,7 +66,7 @@ def test_bad_mapper_input_is_explained():
     with pytest.raises(ValueError, match="stride of at most 7"):
         map_layers("uniform", 4, 30, {"stride": 8})
     with pytest.raises(
-        UnknownNameError, match="Known layer mappers: all, indices, last, last_k, source, uniform, uniform_last"
+        UnknownNameError, match="Known layer mappers: all, auto, indices, last, last_k, source, uniform, uniform_last"
     ):
         map_layers("every_other", 4, 30)
 

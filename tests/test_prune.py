@@ -403,6 +403,13 @@ def test_student_init_prune_trains_and_resumes_to_the_uninterrupted_weights(tiny
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (3, 24, 48)
     assert config["distily_init"]["pruned"] and len(config["distily_init"]["calibration"]["train_rows"]) == 8
+    # The run writes distily_prune.json beside the student, as `distily prune` does.
+    report = json.loads((out / "distily_prune.json").read_text())
+    assert report["kept"]["layers"] == config["distily_init"]["teacher_layers"]
+    assert report["data"]["block_rows"] == config["distily_init"]["calibration"]["train_rows"]
+    assert report["calibration"]["fingerprint"] == config["distily_init"]["calibration"]["fingerprint"]
+    manifest = json.loads((out / "distily_run.json").read_text())
+    assert report["command"] == manifest["command"] and report["teacher"] == str(tiny_teacher_dir)
     uninterrupted = load_file(out / "model.safetensors")
     manifest = json.loads((out / "distily_run.json").read_text())
     manifest["status"] = "running"
@@ -474,6 +481,43 @@ def test_the_source_mapper_pairs_each_pruned_layer_with_the_teacher_layer_it_cam
     assert objective.pairs["hidden_states"] == [(1, 1), (2, 3), (3, 4)]
     with pytest.raises(ConfigError, match="one teacher layer per student layer"):
         IntermediateObjective([component], llama(num_hidden_layers=2), teacher)  # a random student records none
+    # The default mapper (auto) pairs a pruned student by origin too, and a layer subset as uniform_last does.
+    default = ObjectiveComponent(name="hidden_states", signal="hidden_states")
+    assert default.layer_mapper == "auto"
+    assert IntermediateObjective([default], student, teacher).pairs["hidden_states"] == [(1, 1), (2, 3), (3, 4)]
+    subset = distily.build_student(teacher, {"num_hidden_layers": 2})
+    assert subset.config.distily_init["teacher_layers"] == [0, 3]
+    assert IntermediateObjective([default], subset, teacher).pairs["hidden_states"] == [(1, 2), (2, 4)]
+    assert IntermediateObjective([component], subset, teacher).pairs["hidden_states"] == [(1, 1), (2, 4)]
+
+
+def test_iterative_pruning_composes_each_layers_origin_through_the_rounds():
+    """Round two cuts round one's student; its record names round one's layers and the original teacher's."""
+    from distily.config import ObjectiveComponent
+    from distily.features import IntermediateObjective
+    from distily.layer_mappers import student_source_layers
+
+    teacher = llama(num_hidden_layers=6)
+    first, _ = prune(teacher, {"num_hidden_layers": 4}, calibration(), teacher_layers=[0, 2, 3, 5], progress=False)
+    second, _ = prune(first, {"num_hidden_layers": 2}, calibration(), teacher_layers=[1, 3], progress=False)
+    record = second.config.distily_init
+    assert record["teacher_layers"] == [1, 3] and record["teacher_num_hidden_layers"] == 4
+    assert record["ancestors"] == [{"num_hidden_layers": 6, "layers": [2, 5]}]
+    assert student_source_layers(second, 4) == [1, 3] and student_source_layers(second, 6) == [2, 5]
+    assert student_source_layers(second, 5) == []  # no model of the chain has 5 layers
+    # A third round composes through both.
+    third, _ = prune(second, {"num_hidden_layers": 1}, calibration(), teacher_layers=[1], progress=False)
+    assert third.config.distily_init["ancestors"] == [
+        {"num_hidden_layers": 4, "layers": [3]},
+        {"num_hidden_layers": 6, "layers": [5]},
+    ]
+    # Distilled from the original teacher, the default mapper pairs round two's layers with their origin there;
+    # distilled from round one's student, with theirs in it.
+    component = ObjectiveComponent(name="h", signal="hidden_states")
+    assert IntermediateObjective([component], second, teacher).pairs["h"] == [(1, 3), (2, 6)]
+    assert IntermediateObjective([component], second, first).pairs["h"] == [(1, 2), (2, 4)]
+    # The record survives save and load, as a trained round's run folder keeps it.
+    assert json.loads(second.config.to_json_string())["distily_init"]["ancestors"] == record["ancestors"]
 
 
 def test_a_pruned_student_trains_from_a_recorded_teacher(tiny_teacher_dir, text_corpus, tmp_path):

@@ -77,7 +77,7 @@ def test_layer_subset_student_copies_teacher(kind):
     student = build_student(teacher, {"num_hidden_layers": 2})
 
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
-    assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3]}
+    assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3], "teacher_num_hidden_layers": 4}
     assert type(student) is type(teacher)
     assert student.training and not teacher.training
     assert all(p.dtype == torch.float32 and p.requires_grad for p in student.parameters())
@@ -190,7 +190,7 @@ def test_narrower_mlp_auto_is_random_teacher_copies_what_fits():
     )
 
     student = build_student(teacher, overrides, init="teacher")
-    assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3]}
+    assert student.config.distily_init == {"from": "teacher", "teacher_layers": [0, 3], "teacher_num_hidden_layers": 4}
     for student_index, teacher_index in enumerate([0, 3]):
         mine, theirs = student.model.layers[student_index], teacher.model.layers[teacher_index]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..optional import import_llama_cpp
 from ..registry import Registry
 from .prompts import ChatRenderer, extra_stops, prompt_builder
 from .schema import Completion, Task
@@ -247,13 +248,7 @@ class LlamaCppBackend:
     def __init__(
         self, model_path: str, n_ctx: int = 0, top_p: float = 0.95, progress: bool = True, prompt_format: str = "raw"
     ):
-        try:
-            import llama_cpp
-        except ImportError as err:
-            raise ConfigError(
-                "--generation_backend llama_cpp needs llama-cpp-python: pip install llama-cpp-python (distily's "
-                "dev extra pins it; PyPI ships source, so it compiles llama.cpp)."
-            ) from err
+        llama_cpp = import_llama_cpp("--generation_backend llama_cpp")
         self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, verbose=False)
         self.top_p = top_p
         self.progress = progress

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..config.eval import check_prompt_format
 from ..errors import ConfigError
 from .schema import Task
 
-PROMPT_FORMATS = ("raw", "chat")
 FENCE = "```"
 CHAT_STOPS = ("\n" + FENCE, FENCE)
 
@@ -42,12 +42,6 @@ def chat_messages(task: Task) -> list[dict]:
 def chat_prompt(task: Task, render: ChatRenderer) -> str:
     """The rendered chat turn, then the assistant's pre-filled start: an opening fence and the task's prompt."""
     return f"{render(chat_messages(task))}{FENCE}{task.language}\n{task.prompt}"
-
-
-def check_prompt_format(name: str) -> str:
-    if name not in PROMPT_FORMATS:
-        raise ConfigError(f"--prompt_format {name!r} is not one of {', '.join(PROMPT_FORMATS)}.")
-    return name
 
 
 def prompt_builder(name: str, render: ChatRenderer | None) -> Callable[[Task], str]:

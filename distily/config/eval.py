@@ -8,6 +8,7 @@ from ..errors import ConfigError
 
 LM_EVAL_BACKENDS = ("auto", "hf", "vllm")
 CODE_TASK_NAMES = ("humaneval",)  # generated and scored by distily.code_eval, not by lm-eval
+PROMPT_FORMATS = ("raw", "chat")  # how a code task's prompt is given to the model (distily.code_eval.prompts)
 EXECUTION_REFUSED = (
     "--completions runs model-written code on this machine (in a sandbox that limits time, memory, network and "
     "files where the kernel allows, see docs/code_eval.md, but is not a container or a VM). Pass "
@@ -18,6 +19,18 @@ GENERATION_REFUSED = (
     "--tasks humaneval generates code with MODEL and runs it on this machine (in a sandbox, see "
     "docs/code_eval.md, which is not a container or a VM). Pass --allow_code_execution true to run it."
 )
+
+
+def split_tasks(tasks: str | None) -> list[str]:
+    """A comma-separated task list (``--tasks``, ``--eval_tasks``) as names, blanks dropped."""
+    return [task.strip() for task in str(tasks or "").split(",") if task.strip()]
+
+
+def check_prompt_format(name: str, flag: str = "--prompt_format") -> str:
+    """``name`` if it is one of :data:`PROMPT_FORMATS`, else the error naming ``flag`` and the formats."""
+    if name not in PROMPT_FORMATS:
+        raise ConfigError(f"{flag} {name!r} is not one of {', '.join(PROMPT_FORMATS)}.")
+    return name
 
 
 @dataclass
@@ -127,7 +140,7 @@ class EvalConfig:
             "help": "humaneval: raw (the benchmark's own prompt, for base models) or chat (for instruct models: "
             "the prompt inside the model's chat template, the answer pre-filled with a code fence and the "
             "prompt; see docs/code_eval.md).",
-            "choices": ["raw", "chat"],
+            "choices": list(PROMPT_FORMATS),
         },
     )
 
@@ -154,8 +167,7 @@ class EvalConfig:
                 raise ConfigError(f"--completions scores one code task; --tasks is {self.tasks!r}: pass humaneval.")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}.")
-        if self.prompt_format not in ("raw", "chat"):
-            raise ConfigError(f"--prompt_format {self.prompt_format!r} is not one of raw, chat.")
+        check_prompt_format(self.prompt_format, "--prompt_format")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}.")
         ks = self.k_list  # raises on a malformed --pass_at_k
@@ -195,7 +207,7 @@ class EvalConfig:
 
     @property
     def task_list(self) -> list[str]:
-        return [task.strip() for task in str(self.tasks).split(",") if task.strip()]
+        return split_tasks(self.tasks)
 
 
 @dataclass
@@ -227,7 +239,7 @@ class RunEvalArguments:
         default="raw",
         metadata={
             "help": "--eval_tasks humaneval: raw or chat prompts (see distily eval --prompt_format).",
-            "choices": ["raw", "chat"],
+            "choices": list(PROMPT_FORMATS),
         },
     )
 
@@ -251,12 +263,11 @@ class RunEvalArguments:
             raise ConfigError(f"--eval_tasks_limit must be at least 1, got {self.eval_tasks_limit}.")
         if self.eval_max_new_tokens < 1:
             raise ConfigError(f"--eval_max_new_tokens must be at least 1, got {self.eval_max_new_tokens}.")
-        if self.eval_prompt_format not in ("raw", "chat"):
-            raise ConfigError(f"--eval_prompt_format {self.eval_prompt_format!r} is not one of raw, chat.")
+        check_prompt_format(self.eval_prompt_format, "--eval_prompt_format")
 
     @property
     def task_list(self) -> list[str]:
-        return [task.strip() for task in str(self.eval_tasks or "").split(",") if task.strip()]
+        return split_tasks(self.eval_tasks)
 
     def eval_configs(self, device: str | None = None) -> list[EvalConfig]:
         """The ``distily eval`` configs that evaluate these tasks: one per code task, one for the harness tasks."""

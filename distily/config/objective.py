@@ -15,8 +15,9 @@ SIGNALS = ("logits", "hidden_states", "attentions")
 COMPONENT_DEFAULTS = {
     # layer_norm: a raw MSE between residual streams is in the thousands on SmolLM2 (massive activations) and
     # drowns the logit term; the normalised MSE is about 1 (notes.md).
-    "hidden_states": {"loss": "mse", "layer_mapper": "uniform_last", "projector": "linear", "norm": "layer_norm"},
-    "attentions": {"loss": "kl", "layer_mapper": "uniform_last", "projector": "identity", "norm": "none"},
+    # auto: a pruned student's layers to the teacher layers they came from, else uniform_last (layer_mappers.py).
+    "hidden_states": {"loss": "mse", "layer_mapper": "auto", "projector": "linear", "norm": "layer_norm"},
+    "attentions": {"loss": "kl", "layer_mapper": "auto", "projector": "identity", "norm": "none"},
 }
 COMPONENT_KEYS = (
     "signal",

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 GENERATION_BACKENDS = ("transformers", "vllm")
 # The divergence of a run that samples (lmbda > 0 or seq_kd) and does not name --loss: measured in
 # benchmarks/on_policy.py (benchmarks/RESULTS.md, "On-policy distillation"), see docs/on_policy.md.
-ON_POLICY_DEFAULT_LOSS = "reverse_kl"
+ON_POLICY_DEFAULT_LOSS = "forward_kl"
 # The divergence of every other run that does not name --loss.
 OFF_POLICY_DEFAULT_LOSS = "forward_kl"
 ON_POLICY_FIELDS = (

@@ -15,12 +15,12 @@ import bisect
 import itertools
 import json
 
-import datasets
 import torch
 from datasets import Dataset
 
 from ..config import DataArguments
 from ..data import BlockCollator, PreparedData, load_documents, stable_hash, tokenizer_fingerprint
+from ..data.mapping import INT8_SEQUENCE, INT32_SEQUENCE, map_to_blocks
 from ..data.synth_format import REQUEST_COLUMN
 from ..errors import DataError
 from .alignment import align
@@ -132,32 +132,18 @@ def pack_paired_dataset(
         teacher_seq_len,
         PAIRED_PACKING_VERSION,
     )
-    ids = datasets.Sequence(datasets.Value("int32"))
-    features = datasets.Features(
-        {
-            "input_ids": ids,
-            "teacher_input_ids": ids,
-            "aligned_student": ids,
-            "aligned_teacher": ids,
-            "aligned_exact": datasets.Sequence(datasets.Value("int8")),
-        }
-    )
-    return documents.map(
-        _pack_paired,
-        batched=True,
-        batch_size=256,
-        remove_columns=documents.column_names,
-        fn_kwargs={
-            "student_tokenizer": student_tokenizer,
-            "teacher_tokenizer": teacher_tokenizer,
-            "seq_len": seq_len,
-            "teacher_seq_len": teacher_seq_len,
-        },
-        features=features,
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
+    columns = {
+        "input_ids": INT32_SEQUENCE,
+        "teacher_input_ids": INT32_SEQUENCE,
+        "aligned_student": INT32_SEQUENCE,
+        "aligned_teacher": INT32_SEQUENCE,
+        "aligned_exact": INT8_SEQUENCE,
+    }
+    return map_to_blocks(
+        documents, _pack_paired, columns, fingerprint, desc, num_proc,
+        student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer, seq_len=seq_len,
+        teacher_seq_len=teacher_seq_len,
+    )  # fmt: skip
 
 
 def prepare_paired_datasets(

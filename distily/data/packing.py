@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import datasets
 import torch
 from datasets import Dataset
 
 from ..config import DataArguments
 from ..errors import DataError
 from .hashing import PACKING_VERSION, stable_hash, tokenizer_fingerprint
+from .mapping import INT32_SEQUENCE, map_to_blocks
 from .routing import ROUTE_COLUMN, pack_routed_dataset
 from .sources import load_documents
 from .synth_format import REQUEST_COLUMN, pack_synth_dataset
@@ -51,18 +51,10 @@ def pack_dataset(
     """``documents`` (a ``text`` column) as ``seq_len``-token blocks in an ``input_ids`` column (int32)."""
     separator = tokenizer.eos_token_id
     fingerprint = stable_hash(documents._fingerprint, tokenizer_fingerprint(tokenizer), seq_len, PACKING_VERSION)
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    return documents.map(
-        _pack,
-        batched=True,
-        batch_size=256,
-        remove_columns=documents.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "separator": separator},
-        features=features,
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
+    return map_to_blocks(
+        documents, _pack, {"input_ids": INT32_SEQUENCE}, fingerprint, desc, num_proc,
+        tokenizer=tokenizer, seq_len=seq_len, separator=separator,
+    )  # fmt: skip
 
 
 @dataclass

@@ -10,11 +10,11 @@ A name that is none of the teachers is a :class:`~distily.errors.DataError` whil
 
 from __future__ import annotations
 
-import datasets
 from datasets import Dataset
 
 from ..errors import DataError
 from .hashing import PACKING_VERSION, stable_hash, tokenizer_fingerprint
+from .mapping import INT8_SEQUENCE, INT32_SEQUENCE, map_to_blocks
 
 ROUTE_COLUMN = "teacher_ids"
 
@@ -54,26 +54,7 @@ def pack_routed_dataset(
     fingerprint = stable_hash(
         documents._fingerprint, tokenizer_fingerprint(tokenizer), seq_len, PACKING_VERSION, "routed", column, names
     )
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            ROUTE_COLUMN: datasets.Sequence(datasets.Value("int8")),
-        }
-    )
-    return documents.map(
-        _pack_routed,
-        batched=True,
-        batch_size=256,
-        remove_columns=documents.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "seq_len": seq_len,
-            "separator": separator,
-            "column": column,
-            "names": names,
-        },
-        features=features,
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
+    return map_to_blocks(
+        documents, _pack_routed, {"input_ids": INT32_SEQUENCE, ROUTE_COLUMN: INT8_SEQUENCE}, fingerprint, desc,
+        num_proc, tokenizer=tokenizer, seq_len=seq_len, separator=separator, column=column, names=names,
+    )  # fmt: skip

@@ -26,6 +26,7 @@ from datasets import Dataset, DatasetDict
 
 from ..errors import DataError
 from .hashing import PACKING_VERSION, is_eval_key, stable_hash, tokenizer_fingerprint
+from .mapping import INT32_SEQUENCE, map_to_blocks
 
 MANIFEST = "synth_manifest.json"
 CONFIG = "synth_config.yaml"
@@ -212,22 +213,8 @@ def pack_synth_dataset(
         PACKING_VERSION,
         "prompt_completion",
     )
-    features = datasets.Features(
-        {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
-    )
-    return documents.map(
-        pack_prompt_completion,
-        batched=True,
-        batch_size=256,
-        remove_columns=documents.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "seq_len": seq_len,
-            "separator": tokenizer.eos_token_id,
-            "prompt_loss": prompt_loss,
-        },
-        features=features,
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        desc=desc or "Packing synthetic samples",
-    )
+    return map_to_blocks(
+        documents, pack_prompt_completion, {"input_ids": INT32_SEQUENCE, "labels": INT32_SEQUENCE}, fingerprint,
+        desc or "Packing synthetic samples", num_proc,
+        tokenizer=tokenizer, seq_len=seq_len, separator=tokenizer.eos_token_id, prompt_loss=prompt_loss,
+    )  # fmt: skip

@@ -39,9 +39,12 @@ def calibration_blocks(data_args: DataArguments, tokenizer, seq_len: int, blocks
     return ids, info
 
 
-def prune_student(teacher, tokenizer, student_args, data_args: DataArguments, seq_len: int, seed: int):
-    """``--student_init prune``: the teacher pruned to ``--student_config`` by importance on
-    ``--calibration_blocks`` train blocks; a BitNet student if ``--student_config`` says ``"bitnet"``."""
+def prune_student(
+    teacher, tokenizer, student_args, data_args: DataArguments, seq_len: int, seed: int, teacher_name: str | None
+):
+    """``--student_init prune``: ``(student, report)``, the teacher pruned to ``--student_config`` by importance on
+    ``--calibration_blocks`` train blocks (a BitNet student if ``--student_config`` says ``"bitnet"``), and the
+    :class:`~distily.pruning.report.PruneReport` the run writes beside the student, as ``distily prune`` does."""
     from ..bitnet import check_convertible, convert_to_bitnet, split_bitnet_overrides
 
     target, bitnet = split_bitnet_overrides(student_args.student_config)
@@ -51,6 +54,12 @@ def prune_student(teacher, tokenizer, student_args, data_args: DataArguments, se
         data_args, tokenizer, seq_len, student_args.calibration_blocks, seed, "--calibration_blocks"
     )
     student, report = prune(teacher, target, ids, flag=flag)
+    report.data.update(
+        teacher=teacher_name,
+        target=target,
+        data={**vars(data_args), "seq_len": seq_len, **info},
+        bitnet=bitnet is not None,
+    )
     student.config.distily_init["calibration"] = {
         "blocks": len(ids),
         "fingerprint": report.data["calibration"]["fingerprint"],
@@ -60,4 +69,4 @@ def prune_student(teacher, tokenizer, student_args, data_args: DataArguments, se
         check_convertible(student.config)
         student = convert_to_bitnet(student, bitnet, calibration_input_ids=ids[:4])
     logger.info("Student pruned from the teacher: %s, layers %s.", report.data["target_shape"], report.kept["layers"])
-    return student
+    return student, report

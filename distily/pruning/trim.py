@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import PruneError
+from ..layer_mappers import source_record
 from ..modeling import decoder_layers_path
 from .families import Family, Shape, pruned_config
 from .plan import KeepPlan
@@ -70,6 +71,6 @@ def trim(teacher: PreTrainedModel, family: Family, plan: KeepPlan, dtype: torch.
         tensor.copy_(value.to(tensor.dtype))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.config.distily_init = {"from": "teacher", "teacher_layers": list(plan.layers), "pruned": True}
+    model.config.distily_init = source_record(teacher.config, plan.layers, pruned=True)
     model.train()
     return model
