@@ -22,6 +22,7 @@ benchmark did).
 
     python benchmarks/prune_vs_init.py --steps 100 --out runs/bench-prune           # everything
     python benchmarks/prune_vs_init.py --steps 200 --budgets 50 --out runs/bench-prune-200
+    python benchmarks/prune_vs_init.py --budgets 50 13 --budget_steps 50:200 13:60 --skip 50-random
     python benchmarks/prune_vs_init.py --quick                                      # a 2-step smoke run
 """
 
@@ -248,6 +249,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--variants", nargs="+", default=["subset", "depth", "width", "width_depth", "random"])
+    parser.add_argument("--skip", nargs="*", default=[], help="variants not to run, e.g. 50-random (reported)")
     parser.add_argument("--calibration_blocks", type=int, default=DEFAULT_CALIBRATION_BLOCKS)
     parser.add_argument("--eval_blocks", type=int, default=16)
     parser.add_argument("--out", default="runs/bench-prune")
@@ -338,6 +340,9 @@ def main(argv=None) -> int:
     for budget in args.budgets:
         for variant in args.variants:
             name = f"{budget}-{variant}"
+            if name in args.skip:
+                results["skipped"].append(f"{name} (--skip)")
+                continue
             if args.max_seconds is not None and time.perf_counter() - begun > args.max_seconds:
                 results["skipped"].append(name)  # the time budget is spent: reported, not run
                 continue

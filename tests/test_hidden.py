@@ -189,7 +189,7 @@ def test_objective_forms_normalise_to_one_mapping():
         "signal": "hidden_states",
         "weight": 0.5,
         "loss": "mse",
-        "layer_mapper": "uniform_last",
+        "layer_mapper": "auto",  # source for a pruned student, else uniform_last
         "layer_mapper_kwargs": {},
         "projector": "linear",
         "projector_kwargs": {},

@@ -34,7 +34,8 @@ class DistillationConfig(TrainingArguments, OnPolicyArguments):
         default=None,
         metadata={
             "help": "Distillation loss, a name in distily.LOSSES (forward_kl, reverse_kl, generalized_jsd, ...). "
-            "Default: forward_kl; reverse_kl when the run samples its sequences (--lmbda > 0 or --seq_kd)."
+            "Default: forward_kl, also when the run samples its sequences (--lmbda > 0 or --seq_kd; measured, see "
+            "docs/on_policy.md)."
         },
     )
     loss_kwargs: dict | str | None = field(
