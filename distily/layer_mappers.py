@@ -138,6 +138,13 @@ def auto(student_layers: int, teacher_layers: int, *, layers: Sequence[int] = ()
     return uniform_last(student_layers, teacher_layers)
 
 
+def _layer_chain(record: dict) -> list[dict]:
+    """A ``distily_init`` record's layers per model up its chain, nearest first: ``[{"num_hidden_layers": N,
+    "layers": [...]}, ...]`` (the model it was cut from, then its ``ancestors``)."""
+    nearest = {"num_hidden_layers": record.get("teacher_num_hidden_layers"), "layers": record["teacher_layers"]}
+    return [nearest, *record.get("ancestors", [])]
+
+
 def source_record(parent_config, layers: Sequence[int], **extra) -> dict:
     """The ``distily_init`` of a model whose layers are ``layers`` (0-based) of the model configured by
     ``parent_config``: ``teacher_layers`` (of the parent) and ``ancestors``, the same layers composed through the
@@ -146,11 +153,9 @@ def source_record(parent_config, layers: Sequence[int], **extra) -> dict:
     record = {"from": "teacher", "teacher_layers": layers, **extra}
     parent = getattr(parent_config, "distily_init", None) or {}
     if parent.get("from") == "teacher" and parent.get("teacher_layers"):
-        chain = [{"num_hidden_layers": None, "layers": parent["teacher_layers"]}, *parent.get("ancestors", [])]
-        chain[0] = {**chain[0], "num_hidden_layers": parent.get("teacher_num_hidden_layers")}
         record["ancestors"] = [
             {"num_hidden_layers": entry["num_hidden_layers"], "layers": [int(entry["layers"][i]) for i in layers]}
-            for entry in chain
+            for entry in _layer_chain(parent)
         ]
     record["teacher_num_hidden_layers"] = layer_count(parent_config)
     return record
@@ -167,8 +172,7 @@ def student_source_layers(model, teacher_layers: int | None = None) -> list[int]
     direct = list(init["teacher_layers"])
     if teacher_layers is None:
         return direct
-    chain = [{"num_hidden_layers": init.get("teacher_num_hidden_layers"), "layers": direct}, *init.get("ancestors", [])]
-    for entry in chain:
+    for entry in _layer_chain(init):
         if entry["num_hidden_layers"] == teacher_layers:
             return list(entry["layers"])
     # Records written before the layer counts were: the direct layers, when they fit this teacher.
